@@ -4,3 +4,14 @@
 //!
 //! One module per concern (see ARCHITECTURE.md for the map). Only `intercept`
 //! and `http` sit on the hot path.
+
+pub mod admin;
+pub mod bpf;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod intercept;
+pub mod proc;
+pub mod shutdown;
+pub mod store;

@@ -1,0 +1,54 @@
+//! The admin API's messages: one JSON object per line, a request from the
+//! CLI, then one or more responses from the agent.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{intercept::listener::CounterSnapshot, store::Event, store::EventFilter};
+
+/// What the CLI asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Matching events; with `follow`, keep streaming new ones.
+    Events { filter: EventFilter, follow: bool },
+    /// Create a monitored cgroup and move the caller into it.
+    Exec,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Event(Box<Event>),
+    /// End of a (non-follow) event listing.
+    End,
+    /// The caller now lives in this cgroup.
+    ExecCgroup { cgroup: PathBuf },
+    Error { message: String },
+}
+
+/// `guard-agent status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub listen: Vec<String>,
+    /// Programs attached to every scope cgroup.
+    pub programs: Vec<String>,
+    /// cgroups the programs are attached to.
+    pub cgroups: Vec<PathBuf>,
+    pub exec_cgroup: Option<PathBuf>,
+    pub uids: Vec<u32>,
+    pub intercept: Vec<String>,
+    pub exclude: Vec<String>,
+    pub counters: CounterSnapshot,
+    pub store_events: u64,
+    pub store_bytes: u64,
+    pub store_size_on_disk: u64,
+    pub state_dir: PathBuf,
+}

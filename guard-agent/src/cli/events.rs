@@ -1,0 +1,206 @@
+//! `guard-agent events`: a table for people, JSON lines for programs.
+
+use std::io::{self, Write};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use time::OffsetDateTime;
+
+use super::{cli_runtime, socket_error, StateDirArg};
+use crate::{
+    admin::{AdminClient, Request, Response},
+    config::AgentConfig,
+    store::{
+        filter::{parse_dest, parse_time},
+        Event, EventFilter, EventStore, Verdict,
+    },
+};
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep printing new events as they are recorded.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only events at or after this time (RFC 3339, or an age: 10m, 2h, 1d).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only events at or before this time (RFC 3339, or an age).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Only this process id.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Only this user (name or uid).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only this executable (full path or file name).
+    #[arg(long)]
+    pub exe: Option<String>,
+    /// Only this destination: HOST, *.DOMAIN, CIDR, with an optional :PORT.
+    #[arg(long, value_name = "HOST|CIDR[:PORT]")]
+    pub dest: Option<String>,
+    /// Only this verdict: allow, block, error.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// At most this many (the most recent).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl EventsArgs {
+    fn filter(&self) -> anyhow::Result<EventFilter> {
+        let now = OffsetDateTime::now_utc();
+        let t = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<OffsetDateTime>> {
+            s.as_deref()
+                .map(|v| parse_time(v, now).map_err(|e| anyhow::anyhow!("--{flag}: {e}")))
+                .transpose()
+        };
+        Ok(EventFilter {
+            since: t(&self.since, "since")?,
+            until: t(&self.until, "until")?,
+            pid: self.pid,
+            user: self.user.clone(),
+            exe: self.exe.clone(),
+            dest: self
+                .dest
+                .as_deref()
+                .map(|d| parse_dest(d).map_err(|e| anyhow::anyhow!("--dest: {e}")))
+                .transpose()?,
+            verdict: match self.verdict.as_deref() {
+                None => None,
+                Some(v) => Some(
+                    Verdict::parse(v).ok_or_else(|| anyhow::anyhow!("--verdict: `{v}` is not one of allow, block, error"))?,
+                ),
+            },
+            limit: self.limit,
+        })
+    }
+}
+
+/// Prints events as a table or JSON lines.
+struct Printer {
+    json: bool,
+    header_done: bool,
+}
+
+fn short(s: Option<&str>, max: usize) -> String {
+    let s = s.unwrap_or("-");
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let tail: String = s.chars().rev().take(max - 1).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("…{tail}")
+    }
+}
+
+impl Printer {
+    fn print(&mut self, out: &mut impl Write, e: &Event) -> io::Result<()> {
+        if self.json {
+            serde_json::to_writer(&mut *out, e)?;
+            writeln!(out)?;
+            return out.flush();
+        }
+        if !self.header_done {
+            writeln!(
+                out,
+                "{:>6}  {:<19}  {:>7}  {:<8}  {:<16}  {:<22}  {:<20}  {:<7}  {:>9}  {:>9}  ERROR",
+                "ID", "TIME (UTC)", "PID", "USER", "EXE", "DST", "HOST", "VERDICT", "OUT", "IN"
+            )?;
+            self.header_done = true;
+        }
+        let ts = e.ts;
+        let time = format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            ts.year(),
+            u8::from(ts.month()),
+            ts.day(),
+            ts.hour(),
+            ts.minute(),
+            ts.second()
+        );
+        let exe = e.exe.as_deref().map(|x| x.rsplit('/').next().unwrap_or(x)).or(e.comm.as_deref());
+        writeln!(
+            out,
+            "{:>6}  {:<19}  {:>7}  {:<8}  {:<16}  {:<22}  {:<20}  {:<7}  {:>9}  {:>9}  {}",
+            e.id,
+            time,
+            e.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            short(e.user.as_deref().or(e.uid.map(|_| "?")), 8),
+            short(exe, 16),
+            short(e.dst.as_deref(), 22),
+            short(e.host.as_deref(), 20),
+            e.verdict.as_str(),
+            e.bytes_out,
+            e.bytes_in,
+            e.error.as_deref().unwrap_or("")
+        )?;
+        out.flush()
+    }
+}
+
+pub fn run(args: EventsArgs) -> anyhow::Result<()> {
+    let filter = args.filter()?;
+    let sock = AgentConfig::admin_socket(&args.state.state_dir);
+    let mut printer = Printer {
+        json: args.json,
+        header_done: false,
+    };
+    let stdout = io::stdout();
+    let rt = cli_runtime()?;
+    let via_agent = rt.block_on(async {
+        let req = Request::Events {
+            filter: filter.clone(),
+            follow: args.follow,
+        };
+        let mut client = match AdminClient::request(&sock, &req).await {
+            Ok(c) => c,
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(socket_error(&sock, e)),
+        };
+        let mut out = stdout.lock();
+        while let Some(resp) = client.next().await? {
+            match resp {
+                Response::Event(e) => {
+                    if let Err(e) = printer.print(&mut out, &e) {
+                        if e.kind() == io::ErrorKind::BrokenPipe {
+                            return Ok(true);
+                        }
+                        return Err(e.into());
+                    }
+                }
+                Response::End => return Ok(true),
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected response from the agent: {other:?}"),
+            }
+        }
+        if args.follow {
+            bail!("the agent stopped");
+        }
+        Ok(true)
+    })?;
+    if via_agent {
+        return Ok(());
+    }
+
+    // No agent: read the store directly.
+    let path = AgentConfig::store_dir(&args.state.state_dir);
+    if !path.exists() {
+        bail!("no event store at {} (has the agent run with this state directory?)", path.display());
+    }
+    let store = EventStore::open(&path).with_context(|| "reading the store directly (no agent is running)")?;
+    let mut out = stdout.lock();
+    for e in store.query(&filter)? {
+        printer.print(&mut out, &e)?;
+    }
+    if args.follow {
+        eprintln!("guard-agent: no agent is running; nothing more will be recorded");
+    }
+    Ok(())
+}

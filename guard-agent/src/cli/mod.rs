@@ -1,0 +1,148 @@
+//! The command line: `guard-agent run | events | status | exec`.
+//!
+//! Commands other than `run` talk to the running agent through the admin
+//! socket; `events` falls back to reading the store directly when no agent
+//! runs. Errors are reported with anyhow at this edge only.
+
+mod events;
+mod exec;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{AgentConfig, ConfigFile, ConfigFlags, DEFAULT_STATE_DIR};
+
+/// Guard: see and control what leaves this host.
+#[derive(Debug, Parser)]
+#[command(name = "guard-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load the kernel programs, intercept, record.
+    Run(RunArgs),
+    /// List recorded events (connections), newest last.
+    Events(events::EventsArgs),
+    /// Show the running agent's programs, scopes, counters and store.
+    Status(status::StatusArgs),
+    /// Run a command in a fresh monitored cgroup of the running agent.
+    Exec(exec::ExecArgs),
+}
+
+/// Where the state (store, admin socket) lives.
+#[derive(Debug, Args, Clone)]
+pub struct StateDirArg {
+    /// State directory of the agent (event store, admin socket).
+    #[arg(long, env = "GUARD_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (RON); flags override its fields.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// State directory (event store, admin socket).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Listener for redirected connections (repeatable: one IPv4, one IPv6).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// cgroup v2 directory whose processes are monitored (repeatable).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<PathBuf>,
+    /// Parent cgroup for `guard-agent exec` (default: <cgroup2>/guard-exec).
+    #[arg(long, value_name = "PATH")]
+    pub exec_cgroup: Option<PathBuf>,
+    /// Monitor only these uids (repeatable; default: every uid).
+    #[arg(long = "uid", value_name = "N")]
+    pub uids: Vec<u32>,
+    /// Destination prefix to intercept (repeatable; default: everything).
+    #[arg(long, value_name = "CIDR")]
+    pub intercept: Vec<String>,
+    /// Destination prefix never to intercept (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub exclude: Vec<String>,
+    /// Log as JSON lines (for journald and log shippers).
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let file = match &args.config {
+        Some(p) => Some((p.as_path(), ConfigFile::load(p)?)),
+        None => None,
+    };
+    let flags = ConfigFlags {
+        state_dir: args.state_dir,
+        listen: args.listen,
+        cgroups: args.cgroups,
+        exec_cgroup: args.exec_cgroup,
+        uids: args.uids,
+        intercept: args.intercept,
+        exclude: args.exclude,
+    };
+    let cfg = AgentConfig::build(file, flags)?;
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(crate::daemon::run(cfg))?;
+    Ok(())
+}
+
+/// Entry point; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Run(a) => run_agent(a).map(|_| 0),
+        Command::Events(a) => events::run(a).map(|_| 0),
+        Command::Status(a) => status::run(a).map(|_| 0),
+        Command::Exec(a) => exec::run(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("guard-agent: {e:#}");
+            1
+        }
+    }
+}
+
+/// A single-threaded runtime for CLI commands.
+fn cli_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+/// Explains an admin-socket connect failure.
+fn socket_error(sock: &std::path::Path, e: std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "permission denied on {}: only root and members of the `guard` group may use the admin API",
+            sock.display()
+        ),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no agent is running with state directory {} (start it with `guard-agent run`)",
+            sock.parent().map(|p| p.display().to_string()).unwrap_or_default()
+        ),
+        _ => anyhow::anyhow!("admin socket {}: {e}", sock.display()),
+    }
+}

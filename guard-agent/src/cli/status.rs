@@ -1,0 +1,78 @@
+//! `guard-agent status`.
+
+use anyhow::bail;
+use clap::Args;
+
+use super::{cli_runtime, socket_error, StateDirArg};
+use crate::{
+    admin::{AdminClient, Request, Response},
+    config::AgentConfig,
+};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let sock = AgentConfig::admin_socket(&args.state.state_dir);
+    let status = cli_runtime()?.block_on(async {
+        let mut c = AdminClient::request(&sock, &Request::Status)
+            .await
+            .map_err(|e| socket_error(&sock, e))?;
+        match c.next().await? {
+            Some(Response::Status(s)) => Ok(s),
+            Some(Response::Error { message }) => bail!("{message}"),
+            other => bail!("unexpected response from the agent: {other:?}"),
+        }
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let s = status;
+    println!("guard-agent {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
+    println!("listening:   {}", s.listen.join(", "));
+    println!("programs:    {}", s.programs.join(", "));
+    println!("attached to:");
+    for c in &s.cgroups {
+        println!("  {}", c.display());
+    }
+    if let Some(e) = &s.exec_cgroup {
+        println!("exec parent: {}", e.display());
+    }
+    println!(
+        "uids:        {}",
+        if s.uids.is_empty() {
+            "all".to_owned()
+        } else {
+            s.uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        }
+    );
+    println!("intercept:   {}", s.intercept.join(", "));
+    println!(
+        "exclude:     {}",
+        if s.exclude.is_empty() {
+            "(loopback and link-local by default)".to_owned()
+        } else {
+            s.exclude.join(", ")
+        }
+    );
+    let c = s.counters;
+    println!(
+        "connections: {} redirected, {} active, {} errors, {} not redirected",
+        c.redirected, c.active, c.errors, c.unknown
+    );
+    println!(
+        "store:       {} events, {} bytes of records, {} bytes on disk ({})",
+        s.store_events,
+        s.store_bytes,
+        s.store_size_on_disk,
+        s.state_dir.display()
+    );
+    Ok(())
+}

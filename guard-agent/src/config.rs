@@ -1,0 +1,359 @@
+//! The agent's configuration: a RON file (`--config FILE`) whose every field
+//! can also be given as a flag, validated once into [`AgentConfig`].
+//!
+//! Errors name the file, the line and column (for syntax), the field and what
+//! is wrong with it. Nothing here touches the kernel or the network.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Default port of the agent's listener for redirected connections.
+pub const DEFAULT_PORT: u16 = 15001;
+/// Default `SO_MARK` on the agent's own upstream sockets.
+pub const DEFAULT_MARK: u32 = 0x6775_6172; // "guar"
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/guard";
+
+/// The configuration file as written (all fields optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub state_dir: Option<PathBuf>,
+    pub listen: Option<Vec<String>>,
+    pub cgroups: Option<Vec<PathBuf>>,
+    pub exec_cgroup: Option<PathBuf>,
+    pub uids: Option<Vec<u32>>,
+    pub intercept: Option<Vec<String>>,
+    pub exclude: Option<Vec<String>>,
+    pub mark: Option<u32>,
+    pub admin_group: Option<String>,
+    pub retention: Option<RetentionFile>,
+}
+
+/// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    pub max_age: Option<String>,
+    pub max_bytes: Option<u64>,
+}
+
+/// Values given on the command line; they override the file.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigFlags {
+    pub state_dir: Option<PathBuf>,
+    pub listen: Vec<String>,
+    pub cgroups: Vec<PathBuf>,
+    pub exec_cgroup: Option<PathBuf>,
+    pub uids: Vec<u32>,
+    pub intercept: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+/// How long and how much the event store keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub listen_v4: Option<SocketAddr>,
+    pub listen_v6: Option<SocketAddr>,
+    /// cgroup v2 directories whose processes are monitored.
+    pub cgroups: Vec<PathBuf>,
+    /// Parent of the cgroups `guard-agent exec` creates; attached like the others.
+    pub exec_cgroup: Option<PathBuf>,
+    /// When non-empty, only these uids are monitored.
+    pub uids: Vec<u32>,
+    pub intercept: Vec<IpNet>,
+    pub exclude: Vec<IpNet>,
+    pub mark: u32,
+    pub admin_group: String,
+    pub retention: Retention,
+}
+
+/// A configuration problem, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}, line {line}, column {column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{origin}: field `{field}`: {message}")]
+    Field {
+        origin: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl ConfigFile {
+    /// Reads and parses a RON configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses RON text; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        ron::Options::default()
+            .from_str(text)
+            .map_err(|e: ron::error::SpannedError| ConfigError::Syntax {
+                path: path.to_owned(),
+                line: e.position.line,
+                column: e.position.col,
+                message: e.code.to_string(),
+            })
+    }
+}
+
+fn field_err(origin: &str, field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        origin: origin.to_owned(),
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn parse_nets(origin: &str, field: &str, values: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse_net(v).map_err(|m| field_err(origin, &format!("{field}[{i}]"), m)))
+        .collect()
+}
+
+/// Parses `10.0.0.0/8`, `::1/128`, or a bare address (a host prefix).
+pub fn parse_net(v: &str) -> Result<IpNet, String> {
+    if let Ok(net) = v.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    match v.parse::<IpAddr>() {
+        Ok(ip) => Ok(IpNet::from(ip)),
+        Err(_) => Err(format!(
+            "`{v}` is not a CIDR (expected e.g. 10.0.0.0/8 or fd00::/8)"
+        )),
+    }
+}
+
+impl AgentConfig {
+    /// Merges a file (if any) and flags (which win) into a validated config.
+    pub fn build(file: Option<(&Path, ConfigFile)>, flags: ConfigFlags) -> Result<Self, ConfigError> {
+        let (origin, file) = match file {
+            Some((p, f)) => (format!("config file {}", p.display()), f),
+            None => ("command line".to_owned(), ConfigFile::default()),
+        };
+        let pick = |flag: Vec<String>, file: Option<Vec<String>>, o: &str| -> (Vec<String>, String) {
+            if flag.is_empty() {
+                (file.unwrap_or_default(), o.to_owned())
+            } else {
+                (flag, "command line".to_owned())
+            }
+        };
+
+        let (listen, listen_origin) = pick(flags.listen, file.listen, &origin);
+        let (mut listen_v4, mut listen_v6) = (None, None);
+        if listen.is_empty() {
+            listen_v4 = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)));
+            listen_v6 = Some(SocketAddr::from((Ipv6Addr::LOCALHOST, DEFAULT_PORT)));
+        }
+        for (i, l) in listen.iter().enumerate() {
+            let field = format!("listen[{i}]");
+            let addr: SocketAddr = l.parse().map_err(|_| {
+                field_err(
+                    &listen_origin,
+                    &field,
+                    format!("`{l}` is not an address with a port (e.g. 127.0.0.1:15001 or [::1]:15001)"),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(field_err(
+                    &listen_origin,
+                    &field,
+                    format!("`{l}`: the agent listens on loopback only (127.0.0.0/8 or ::1)"),
+                ));
+            }
+            if addr.port() == 0 {
+                return Err(field_err(&listen_origin, &field, "port 0 is not allowed"));
+            }
+            let slot = if addr.is_ipv4() { &mut listen_v4 } else { &mut listen_v6 };
+            if slot.replace(addr).is_some() {
+                return Err(field_err(
+                    &listen_origin,
+                    &field,
+                    "at most one IPv4 and one IPv6 listener",
+                ));
+            }
+        }
+
+        let (intercept, io) = pick(flags.intercept, file.intercept, &origin);
+        let mut intercept = parse_nets(&io, "intercept", &intercept)?;
+        if intercept.is_empty() {
+            intercept = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        }
+        let (exclude, eo) = pick(flags.exclude, file.exclude, &origin);
+        let exclude = parse_nets(&eo, "exclude", &exclude)?;
+
+        let cgroups = if flags.cgroups.is_empty() {
+            file.cgroups.unwrap_or_default()
+        } else {
+            flags.cgroups
+        };
+        let exec_cgroup = flags.exec_cgroup.or(file.exec_cgroup);
+        if cgroups.is_empty() && exec_cgroup.is_none() {
+            return Err(field_err(
+                &origin,
+                "cgroups",
+                "no cgroup to monitor: give at least one (--cgroup PATH, or `cgroups: [\"/sys/fs/cgroup/user.slice\"]`) or an exec_cgroup",
+            ));
+        }
+        for (i, c) in cgroups.iter().enumerate() {
+            if !c.is_absolute() {
+                return Err(field_err(
+                    &origin,
+                    &format!("cgroups[{i}]"),
+                    format!("`{}` must be an absolute path", c.display()),
+                ));
+            }
+        }
+
+        let uids = if flags.uids.is_empty() {
+            file.uids.unwrap_or_default()
+        } else {
+            flags.uids
+        };
+
+        let mut retention = Retention::default();
+        if let Some(r) = file.retention {
+            if let Some(age) = r.max_age {
+                retention.max_age = humantime::parse_duration(&age).map_err(|e| {
+                    field_err(&origin, "retention.max_age", format!("`{age}`: {e} (e.g. \"30d\", \"12h\")"))
+                })?;
+            }
+            if let Some(b) = r.max_bytes {
+                if b < 1 << 20 {
+                    return Err(field_err(&origin, "retention.max_bytes", "must be at least 1048576 (1 MiB)"));
+                }
+                retention.max_bytes = b;
+            }
+        }
+
+        Ok(Self {
+            state_dir: flags
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            listen_v4,
+            listen_v6,
+            cgroups,
+            exec_cgroup,
+            uids,
+            intercept,
+            exclude,
+            mark: file.mark.unwrap_or(DEFAULT_MARK),
+            admin_group: file.admin_group.unwrap_or_else(|| "guard".to_owned()),
+            retention,
+        })
+    }
+
+    /// Path of the admin socket in a state directory.
+    pub fn admin_socket(state_dir: &Path) -> PathBuf {
+        state_dir.join("admin.sock")
+    }
+
+    /// Path of the event store in a state directory.
+    pub fn store_dir(state_dir: &Path) -> PathBuf {
+        state_dir.join("events.sled")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        let p = Path::new("/etc/guard/agent.ron");
+        let f = ConfigFile::parse(p, text)?;
+        AgentConfig::build(Some((p, f)), ConfigFlags::default())
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let c = parse(
+            r#"(state_dir: "/tmp/g", listen: ["127.0.0.1:16000"], cgroups: ["/sys/fs/cgroup/x"],
+                uids: [1000], intercept: ["10.0.0.0/8"], exclude: ["10.1.0.0/16"],
+                retention: (max_age: "2d", max_bytes: 10000000))"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen_v4.unwrap().port(), 16000);
+        assert!(c.listen_v6.is_none());
+        assert_eq!(c.uids, vec![1000]);
+        assert_eq!(c.retention.max_age, Duration::from_secs(2 * 86400));
+        assert_eq!(c.exclude[0].to_string(), "10.1.0.0/16");
+    }
+
+    #[test]
+    fn a_bad_cidr_names_the_field_and_value() {
+        let e = parse(r#"(cgroups: ["/sys/fs/cgroup/x"], intercept: ["10.0.0/8"])"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("intercept[0]"), "{e}");
+        assert!(e.contains("10.0.0/8"), "{e}");
+        assert!(e.contains("/etc/guard/agent.ron"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_field_gives_line_and_column() {
+        let e = parse("(\n  cgroups: [\"/a\"],\n  lisen: [],\n)").unwrap_err().to_string();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let p = Path::new("a.ron");
+        let f = ConfigFile::parse(p, r#"(cgroups: ["/a"], listen: ["127.0.0.1:1"])"#).unwrap();
+        let flags = ConfigFlags {
+            listen: vec!["127.0.0.1:2".into()],
+            ..Default::default()
+        };
+        let c = AgentConfig::build(Some((p, f)), flags).unwrap();
+        assert_eq!(c.listen_v4.unwrap().port(), 2);
+    }
+
+    #[test]
+    fn a_non_loopback_listener_is_refused() {
+        let e = parse(r#"(cgroups: ["/a"], listen: ["0.0.0.0:15001"])"#).unwrap_err().to_string();
+        assert!(e.contains("loopback"), "{e}");
+    }
+}

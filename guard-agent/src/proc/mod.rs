@@ -1,0 +1,178 @@
+//! Attribution: who is behind a pid, from `/proc` — executable, command
+//! line, up to five ancestors, user name, cgroup and the systemd unit or
+//! container it belongs to.
+//!
+//! Lookups read the filesystem, so callers run them off the accept loop
+//! ([`ProcCache::lookup`] uses `spawn_blocking`). Results are cached by
+//! (pid, start time), so a recycled pid is never given a previous owner's
+//! identity. A process that exited before we looked leaves only what the
+//! kernel recorded (comm, uid); this module never guesses beyond that.
+
+use std::{
+    collections::HashMap,
+    fs,
+    num::NonZeroUsize,
+    sync::{Arc, Mutex},
+};
+
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+
+/// How many ancestors are recorded.
+pub const MAX_ANCESTORS: usize = 5;
+
+/// One ancestor of a process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ancestor {
+    pub pid: u32,
+    pub exe: String,
+}
+
+/// What we know about a process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub ancestors: Vec<Ancestor>,
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of `stat`),
+/// and its parent pid (field 4).
+fn stat_fields(pid: u32) -> Option<(u64, u32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm is in parentheses and may contain spaces: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, ppid))
+}
+
+fn exe_of(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
+}
+
+fn cmdline_of(pid: u32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if raw.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    Some(parts.join(" "))
+}
+
+/// Reads a process's identity from `/proc` now.
+pub fn read_proc(pid: u32) -> ProcInfo {
+    let cgroup = crate::cgroup::cgroup_of_pid(pid);
+    let unit = cgroup.as_deref().and_then(crate::cgroup::unit_or_container);
+    let mut ancestors = Vec::new();
+    let mut cur = stat_fields(pid).map(|(_, ppid)| ppid);
+    while let Some(ppid) = cur {
+        if ppid == 0 || ancestors.len() >= MAX_ANCESTORS {
+            break;
+        }
+        ancestors.push(Ancestor {
+            pid: ppid,
+            exe: exe_of(ppid).unwrap_or_else(|| "?".to_owned()),
+        });
+        cur = stat_fields(ppid).map(|(_, p)| p);
+    }
+    ProcInfo {
+        exe: exe_of(pid),
+        cmdline: cmdline_of(pid),
+        ancestors,
+        cgroup,
+        unit,
+    }
+}
+
+/// A bounded cache of [`ProcInfo`] keyed by (pid, start time), and of user
+/// names by uid.
+pub struct ProcCache {
+    procs: Mutex<LruCache<(u32, u64), Arc<ProcInfo>>>,
+    users: Mutex<HashMap<u32, Option<String>>>,
+}
+
+impl Default for ProcCache {
+    fn default() -> Self {
+        Self::new(4096)
+    }
+}
+
+impl ProcCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            procs: Mutex::new(LruCache::new(NonZeroUsize::new(capacity.max(1)).unwrap())),
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Identity of `pid`, from the cache or read on a blocking thread.
+    pub async fn lookup(self: &Arc<Self>, pid: u32) -> Arc<ProcInfo> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.lookup_blocking(pid))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Same as [`ProcCache::lookup`], on the calling thread.
+    pub fn lookup_blocking(&self, pid: u32) -> Arc<ProcInfo> {
+        let Some((start, _)) = stat_fields(pid) else {
+            return Arc::new(ProcInfo::default());
+        };
+        if let Some(hit) = self.procs.lock().unwrap().get(&(pid, start)) {
+            return Arc::clone(hit);
+        }
+        let info = Arc::new(read_proc(pid));
+        self.procs.lock().unwrap().put((pid, start), Arc::clone(&info));
+        info
+    }
+
+    /// The user name of a uid (cached; `None` when there is none).
+    pub fn user_name(&self, uid: u32) -> Option<String> {
+        if let Some(n) = self.users.lock().unwrap().get(&uid) {
+            return n.clone();
+        }
+        let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        self.users.lock().unwrap().insert(uid, name.clone());
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let info = read_proc(std::process::id());
+        assert!(info.exe.unwrap().contains("guard_agent"));
+        assert!(info.cmdline.is_some());
+        assert!(!info.ancestors.is_empty());
+        assert!(info.cgroup.unwrap().starts_with('/'));
+    }
+
+    #[test]
+    fn cache_returns_the_same_entry_for_the_same_process() {
+        let cache = ProcCache::new(4);
+        let a = cache.lookup_blocking(std::process::id());
+        let b = cache.lookup_blocking(std::process::id());
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn root_has_a_name() {
+        assert_eq!(ProcCache::default().user_name(0).as_deref(), Some("root"));
+    }
+}
