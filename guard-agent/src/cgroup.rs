@@ -32,7 +32,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 
 /// Finds where cgroup v2 is mounted, from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let info = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err(Path::new("/proc/self/mountinfo")))?;
     parse_cgroup2_mount(&info).ok_or(CgroupError::NoCgroup2)
 }
 
@@ -40,7 +41,9 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     for line in mountinfo.lines() {
         // id parent maj:min root mountpoint options [optional...] - fstype source superoptions
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() == Some("cgroup2") {
             let mount = left.split_whitespace().nth(4)?;
             return Some(PathBuf::from(unescape_mountinfo(mount)));
@@ -50,7 +53,9 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\134", "\\")
 }
 
 /// Checks that `path` is a cgroup directory inside the v2 hierarchy.
@@ -91,7 +96,8 @@ pub fn move_process(path: &Path, pid: u32) -> Result<(), CgroupError> {
         .write(true)
         .open(&procs)
         .map_err(io_err(&procs))?;
-    f.write_all(pid.to_string().as_bytes()).map_err(io_err(&procs))
+    f.write_all(pid.to_string().as_bytes())
+        .map_err(io_err(&procs))
 }
 
 /// Whether any process is left in the cgroup or below it.
@@ -152,7 +158,10 @@ mod tests {
         let info = "25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                     26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:6 - cgroup2 cgroup2 rw,nsdelegate\n\
                     27 25 0:25 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n";
-        assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]

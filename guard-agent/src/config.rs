@@ -127,6 +127,7 @@ impl ConfigFile {
     /// Parses RON text; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
             .from_str(text)
             .map_err(|e: ron::error::SpannedError| ConfigError::Syntax {
                 path: path.to_owned(),
@@ -168,18 +169,22 @@ pub fn parse_net(v: &str) -> Result<IpNet, String> {
 
 impl AgentConfig {
     /// Merges a file (if any) and flags (which win) into a validated config.
-    pub fn build(file: Option<(&Path, ConfigFile)>, flags: ConfigFlags) -> Result<Self, ConfigError> {
+    pub fn build(
+        file: Option<(&Path, ConfigFile)>,
+        flags: ConfigFlags,
+    ) -> Result<Self, ConfigError> {
         let (origin, file) = match file {
             Some((p, f)) => (format!("config file {}", p.display()), f),
             None => ("command line".to_owned(), ConfigFile::default()),
         };
-        let pick = |flag: Vec<String>, file: Option<Vec<String>>, o: &str| -> (Vec<String>, String) {
-            if flag.is_empty() {
-                (file.unwrap_or_default(), o.to_owned())
-            } else {
-                (flag, "command line".to_owned())
-            }
-        };
+        let pick =
+            |flag: Vec<String>, file: Option<Vec<String>>, o: &str| -> (Vec<String>, String) {
+                if flag.is_empty() {
+                    (file.unwrap_or_default(), o.to_owned())
+                } else {
+                    (flag, "command line".to_owned())
+                }
+            };
 
         let (listen, listen_origin) = pick(flags.listen, file.listen, &origin);
         let (mut listen_v4, mut listen_v6) = (None, None);
@@ -193,7 +198,9 @@ impl AgentConfig {
                 field_err(
                     &listen_origin,
                     &field,
-                    format!("`{l}` is not an address with a port (e.g. 127.0.0.1:15001 or [::1]:15001)"),
+                    format!(
+                        "`{l}` is not an address with a port (e.g. 127.0.0.1:15001 or [::1]:15001)"
+                    ),
                 )
             })?;
             if !addr.ip().is_loopback() {
@@ -206,7 +213,11 @@ impl AgentConfig {
             if addr.port() == 0 {
                 return Err(field_err(&listen_origin, &field, "port 0 is not allowed"));
             }
-            let slot = if addr.is_ipv4() { &mut listen_v4 } else { &mut listen_v6 };
+            let slot = if addr.is_ipv4() {
+                &mut listen_v4
+            } else {
+                &mut listen_v6
+            };
             if slot.replace(addr).is_some() {
                 return Err(field_err(
                     &listen_origin,
@@ -257,12 +268,20 @@ impl AgentConfig {
         if let Some(r) = file.retention {
             if let Some(age) = r.max_age {
                 retention.max_age = humantime::parse_duration(&age).map_err(|e| {
-                    field_err(&origin, "retention.max_age", format!("`{age}`: {e} (e.g. \"30d\", \"12h\")"))
+                    field_err(
+                        &origin,
+                        "retention.max_age",
+                        format!("`{age}`: {e} (e.g. \"30d\", \"12h\")"),
+                    )
                 })?;
             }
             if let Some(b) = r.max_bytes {
                 if b < 1 << 20 {
-                    return Err(field_err(&origin, "retention.max_bytes", "must be at least 1048576 (1 MiB)"));
+                    return Err(field_err(
+                        &origin,
+                        "retention.max_bytes",
+                        "must be at least 1048576 (1 MiB)",
+                    ));
                 }
                 retention.max_bytes = b;
             }
@@ -334,7 +353,9 @@ mod tests {
 
     #[test]
     fn an_unknown_field_gives_line_and_column() {
-        let e = parse("(\n  cgroups: [\"/a\"],\n  lisen: [],\n)").unwrap_err().to_string();
+        let e = parse("(\n  cgroups: [\"/a\"],\n  lisen: [],\n)")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("lisen"), "{e}");
     }
@@ -353,7 +374,9 @@ mod tests {
 
     #[test]
     fn a_non_loopback_listener_is_refused() {
-        let e = parse(r#"(cgroups: ["/a"], listen: ["0.0.0.0:15001"])"#).unwrap_err().to_string();
+        let e = parse(r#"(cgroups: ["/a"], listen: ["0.0.0.0:15001"])"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("loopback"), "{e}");
     }
 }

@@ -91,7 +91,10 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         }
         cgroup::check_cgroup_dir(&mount, c)?;
     }
-    let exec_parent = cfg.exec_cgroup.get_or_insert_with(|| mount.join("guard-exec")).clone();
+    let exec_parent = cfg
+        .exec_cgroup
+        .get_or_insert_with(|| mount.join("guard-exec"))
+        .clone();
     if !exec_parent.starts_with(&mount) {
         return Err(cgroup::CgroupError::NotInHierarchy {
             path: exec_parent,
@@ -144,7 +147,11 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let mut tasks = Vec::new();
     for l in [v4, v6].into_iter().flatten() {
         tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for redirected connections");
-        tasks.push(tokio::spawn(listener::serve(l, Arc::clone(&intercept), stop_rx.clone())));
+        tasks.push(tokio::spawn(listener::serve(
+            l,
+            Arc::clone(&intercept),
+            stop_rx.clone(),
+        )));
     }
 
     let sock = AgentConfig::admin_socket(&state_dir);
@@ -185,7 +192,9 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     tracing::info!("kernel programs detached");
     // 2. Connections already redirected may finish.
     let deadline = Instant::now() + GRACE;
-    while counters.active.load(std::sync::atomic::Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    while counters.active.load(std::sync::atomic::Ordering::Relaxed) > 0
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // 3. Stop everything, then drain the store.

@@ -37,12 +37,20 @@ impl SockAddrKey {
         addr[13] = octets[1];
         addr[14] = octets[2];
         addr[15] = octets[3];
-        Self { addr, port, _pad: [0; 6] }
+        Self {
+            addr,
+            port,
+            _pad: [0; 6],
+        }
     }
 
     /// Builds a key from an IPv6 address given as its sixteen bytes.
     pub const fn from_v6(addr: [u8; 16], port: u16) -> Self {
-        Self { addr, port, _pad: [0; 6] }
+        Self {
+            addr,
+            port,
+            _pad: [0; 6],
+        }
     }
 }
 

@@ -103,7 +103,11 @@ pub fn authorized(uid: u32, gid: u32, pid: Option<i32>, admin_gid: Option<u32>) 
 }
 
 /// Serves the admin socket until `shutdown` turns true.
-pub async fn serve(listener: UnixListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             res = listener.accept() => match res {
@@ -129,7 +133,11 @@ async fn send(w: &mut (impl AsyncWriteExt + Unpin), r: &Response) -> std::io::Re
     w.write_all(&line).await
 }
 
-async fn handle(stream: UnixStream, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    state: Arc<AdminState>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (r, mut w) = stream.into_split();
     if !authorized(cred.uid(), cred.gid(), cred.pid(), state.admin_gid) {
@@ -147,15 +155,23 @@ async fn handle(stream: UnixStream, state: Arc<AdminState>, mut stop: watch::Rec
         .await;
     }
     let mut lines = BufReader::new(r).lines();
-    let Some(line) = lines.next_line().await? else { return Ok(()) };
+    let Some(line) = lines.next_line().await? else {
+        return Ok(());
+    };
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            return send(&mut w, &Response::Error { message: format!("bad request: {e}") }).await;
+            return send(
+                &mut w,
+                &Response::Error {
+                    message: format!("bad request: {e}"),
+                },
+            )
+            .await;
         }
     };
     match req {
-        Request::Status => send(&mut w, &Response::Status(status(&state))).await,
+        Request::Status => send(&mut w, &Response::Status(Box::new(status(&state)))).await,
         Request::Events { filter, follow } => {
             // Subscribe before reading history so nothing falls in between.
             let mut live = state.stored.subscribe();
@@ -166,7 +182,15 @@ async fn handle(stream: UnixStream, state: Arc<AdminState>, mut stop: watch::Rec
                 .map_err(std::io::Error::other)?;
             let history = match history {
                 Ok(h) => h,
-                Err(e) => return send(&mut w, &Response::Error { message: e.to_string() }).await,
+                Err(e) => {
+                    return send(
+                        &mut w,
+                        &Response::Error {
+                            message: e.to_string(),
+                        },
+                    )
+                    .await
+                }
             };
             let mut last = 0;
             for e in history {
@@ -176,7 +200,10 @@ async fn handle(stream: UnixStream, state: Arc<AdminState>, mut stop: watch::Rec
             if !follow {
                 return send(&mut w, &Response::End).await;
             }
-            let live_filter = crate::store::EventFilter { limit: None, ..filter };
+            let live_filter = crate::store::EventFilter {
+                limit: None,
+                ..filter
+            };
             loop {
                 tokio::select! {
                     msg = live.recv() => match msg {
@@ -217,7 +244,9 @@ fn exec_cgroup(state: &AdminState, pid: Option<i32>) -> Result<PathBuf, String> 
         .exec_cgroup
         .as_ref()
         .ok_or("this agent has no exec cgroup configured")?;
-    let pid = pid.filter(|p| *p > 0).ok_or("the caller's pid is unknown")? as u32;
+    let pid = pid
+        .filter(|p| *p > 0)
+        .ok_or("the caller's pid is unknown")? as u32;
     let n = state.exec_seq.fetch_add(1, Ordering::Relaxed);
     let dir = parent.join(format!("exec-{pid}-{n}"));
     cgroup::create(&dir).map_err(|e| e.to_string())?;
@@ -231,7 +260,9 @@ fn exec_cgroup(state: &AdminState, pid: Option<i32>) -> Result<PathBuf, String> 
 
 /// Removes `exec` cgroups nobody is left in.
 pub fn reap_exec_cgroups(parent: &Path) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         let is_exec = p

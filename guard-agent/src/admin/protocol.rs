@@ -13,7 +13,10 @@ use crate::{intercept::listener::CounterSnapshot, store::Event, store::EventFilt
 pub enum Request {
     Status,
     /// Matching events; with `follow`, keep streaming new ones.
-    Events { filter: EventFilter, follow: bool },
+    Events {
+        filter: EventFilter,
+        follow: bool,
+    },
     /// Create a monitored cgroup and move the caller into it.
     Exec,
 }
@@ -22,13 +25,17 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
-    Status(Status),
+    Status(Box<Status>),
     Event(Box<Event>),
     /// End of a (non-follow) event listing.
     End,
     /// The caller now lives in this cgroup.
-    ExecCgroup { cgroup: PathBuf },
-    Error { message: String },
+    ExecCgroup {
+        cgroup: PathBuf,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// `guard-agent status`.

@@ -98,7 +98,10 @@ pub fn peer_key(peer: SocketAddr) -> SockAddrKey {
 /// matching prefix length.
 fn lpm_key(net: &IpNet) -> Key<[u8; 16]> {
     match net {
-        IpNet::V4(n) => Key::new(96 + u32::from(n.prefix_len()), n.network().to_ipv6_mapped().octets()),
+        IpNet::V4(n) => Key::new(
+            96 + u32::from(n.prefix_len()),
+            n.network().to_ipv6_mapped().octets(),
+        ),
         IpNet::V6(n) => Key::new(u32::from(n.prefix_len()), n.network().octets()),
     }
 }
@@ -122,7 +125,9 @@ impl KernelPrograms {
     /// Loads the programs and fills the configuration and scope maps.
     /// Returns the programs and the table the accept path reads.
     pub fn load(cfg: &AgentConfig) -> Result<(Self, OriginalDstTable), BpfError> {
-        let mut ebpf = EbpfLoader::new().load(KERNEL_OBJECT).map_err(BpfError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(KERNEL_OBJECT)
+            .map_err(BpfError::Load)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(_) => {}
             Err(e) => tracing::warn!("kernel log forwarding unavailable: {e}"),
@@ -144,7 +149,9 @@ impl KernelPrograms {
             })?)
             .map_err(map_err("DEST_SCOPE"))?;
         for (net, value) in scope_entries(cfg) {
-            scope.insert(&lpm_key(&net), value, 0).map_err(map_err("DEST_SCOPE"))?;
+            scope
+                .insert(&lpm_key(&net), value, 0)
+                .map_err(map_err("DEST_SCOPE"))?;
         }
 
         if !cfg.uids.is_empty() {
@@ -169,7 +176,10 @@ impl KernelPrograms {
                 aya::programs::Program::SockOps(p) => p.load(),
                 _ => unreachable!("guard programs are sock_addr or sock_ops"),
             };
-            res.map_err(|source| BpfError::Program { program: name, source })?;
+            res.map_err(|source| BpfError::Program {
+                program: name,
+                source,
+            })?;
         }
 
         let peer_map = ebpf.take_map("ORIG_BY_PEER").ok_or(BpfError::Map {

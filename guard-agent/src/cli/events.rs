@@ -73,9 +73,9 @@ impl EventsArgs {
                 .transpose()?,
             verdict: match self.verdict.as_deref() {
                 None => None,
-                Some(v) => Some(
-                    Verdict::parse(v).ok_or_else(|| anyhow::anyhow!("--verdict: `{v}` is not one of allow, block, error"))?,
-                ),
+                Some(v) => Some(Verdict::parse(v).ok_or_else(|| {
+                    anyhow::anyhow!("--verdict: `{v}` is not one of allow, block, error")
+                })?),
             },
             limit: self.limit,
         })
@@ -93,7 +93,14 @@ fn short(s: Option<&str>, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_owned()
     } else {
-        let tail: String = s.chars().rev().take(max - 1).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = s
+            .chars()
+            .rev()
+            .take(max - 1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         format!("…{tail}")
     }
 }
@@ -123,7 +130,11 @@ impl Printer {
             ts.minute(),
             ts.second()
         );
-        let exe = e.exe.as_deref().map(|x| x.rsplit('/').next().unwrap_or(x)).or(e.comm.as_deref());
+        let exe = e
+            .exe
+            .as_deref()
+            .map(|x| x.rsplit('/').next().unwrap_or(x))
+            .or(e.comm.as_deref());
         writeln!(
             out,
             "{:>6}  {:<19}  {:>7}  {:<8}  {:<16}  {:<22}  {:<20}  {:<7}  {:>9}  {:>9}  {}",
@@ -159,7 +170,12 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
         };
         let mut client = match AdminClient::request(&sock, &req).await {
             Ok(c) => c,
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 return Ok(false);
             }
             Err(e) => return Err(socket_error(&sock, e)),
@@ -192,9 +208,13 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
     // No agent: read the store directly.
     let path = AgentConfig::store_dir(&args.state.state_dir);
     if !path.exists() {
-        bail!("no event store at {} (has the agent run with this state directory?)", path.display());
+        bail!(
+            "no event store at {} (has the agent run with this state directory?)",
+            path.display()
+        );
     }
-    let store = EventStore::open(&path).with_context(|| "reading the store directly (no agent is running)")?;
+    let store = EventStore::open(&path)
+        .with_context(|| "reading the store directly (no agent is running)")?;
     let mut out = stdout.lock();
     for e in store.query(&filter)? {
         printer.print(&mut out, &e)?;

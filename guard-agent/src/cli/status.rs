@@ -35,7 +35,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let s = status;
-    println!("guard-agent {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
+    println!(
+        "guard-agent {} (pid {}), up {}s",
+        s.version, s.pid, s.uptime_secs
+    );
     println!("listening:   {}", s.listen.join(", "));
     println!("programs:    {}", s.programs.join(", "));
     println!("attached to:");
@@ -50,7 +53,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         if s.uids.is_empty() {
             "all".to_owned()
         } else {
-            s.uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            s.uids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     );
     println!("intercept:   {}", s.intercept.join(", "));

@@ -86,7 +86,11 @@ fn comm_str(comm: &[u8]) -> String {
 /// Accepts connections until `shutdown` turns true; every connection runs in
 /// its own task, which gets a clone of `shutdown` to stop copying when the
 /// agent stops.
-pub async fn serve(listener: TcpListener, ctx: Arc<Intercept>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Intercept>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             res = listener.accept() => match res {
@@ -121,7 +125,10 @@ fn describe_connect_error(e: &io::Error) -> String {
         Some(libc::ENETUNREACH) => "upstream network unreachable (ENETUNREACH)".into(),
         Some(libc::ETIMEDOUT) => "upstream connect timed out (ETIMEDOUT)".into(),
         _ if e.kind() == io::ErrorKind::TimedOut => {
-            format!("upstream connect timed out after {}s", CONNECT_TIMEOUT.as_secs())
+            format!(
+                "upstream connect timed out after {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )
         }
         _ => format!("upstream connect failed: {e}"),
     }
@@ -154,7 +161,12 @@ async fn original_destination(table: &OriginalDstTable, peer: SocketAddr) -> Opt
     None
 }
 
-async fn handle(ctx: Arc<Intercept>, client: TcpStream, peer: SocketAddr, mut stop: watch::Receiver<bool>) {
+async fn handle(
+    ctx: Arc<Intercept>,
+    client: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
     let started = Instant::now();
     let mut ev = Event::connection(OffsetDateTime::now_utc());
     ev.src = Some(peer.to_string());
@@ -162,7 +174,10 @@ async fn handle(ctx: Arc<Intercept>, client: TcpStream, peer: SocketAddr, mut st
     let Some(orig) = original_destination(&ctx.table, peer).await else {
         ctx.counters.unknown.fetch_add(1, Ordering::Relaxed);
         ev.verdict = Verdict::Error;
-        ev.error = Some("no original destination: the connection was not redirected by Guard's kernel programs".into());
+        ev.error = Some(
+            "no original destination: the connection was not redirected by Guard's kernel programs"
+                .into(),
+        );
         reset(client);
         finish(&ctx, ev, started).await;
         return;

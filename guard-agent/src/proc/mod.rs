@@ -51,9 +51,11 @@ fn stat_fields(pid: u32) -> Option<(u64, u32)> {
 }
 
 fn exe_of(pid: u32) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
+    fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| {
+        p.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_owned()
+    })
 }
 
 fn cmdline_of(pid: u32) -> Option<String> {
@@ -132,7 +134,10 @@ impl ProcCache {
             return Arc::clone(hit);
         }
         let info = Arc::new(read_proc(pid));
-        self.procs.lock().unwrap().put((pid, start), Arc::clone(&info));
+        self.procs
+            .lock()
+            .unwrap()
+            .put((pid, start), Arc::clone(&info));
         info
     }
 

@@ -142,7 +142,9 @@ impl EventFilter {
             }
         }
         if let Some(x) = &self.exe {
-            let Some(exe) = e.exe.as_deref() else { return false };
+            let Some(exe) = e.exe.as_deref() else {
+                return false;
+            };
             let base = exe.rsplit('/').next().unwrap_or(exe);
             if exe != x && base != x {
                 return false;
@@ -172,10 +174,19 @@ mod tests {
     #[test]
     fn dest_forms() {
         assert_eq!(parse_dest("127.0.0.2:8080").unwrap().port, Some(8080));
-        assert!(matches!(parse_dest("10.0.0.0/8").unwrap().target, DestTarget::Net(_)));
+        assert!(matches!(
+            parse_dest("10.0.0.0/8").unwrap().target,
+            DestTarget::Net(_)
+        ));
         assert_eq!(parse_dest("[::1]:443").unwrap().port, Some(443));
-        assert!(matches!(parse_dest("::1").unwrap().target, DestTarget::Net(_)));
-        assert!(matches!(parse_dest("*.example.com:443").unwrap().target, DestTarget::Host(_)));
+        assert!(matches!(
+            parse_dest("::1").unwrap().target,
+            DestTarget::Net(_)
+        ));
+        assert!(matches!(
+            parse_dest("*.example.com:443").unwrap().target,
+            DestTarget::Host(_)
+        ));
         assert!(parse_dest("exa mple").is_err());
         assert!(parse_dest("host:notaport").is_err());
     }
@@ -194,7 +205,10 @@ mod tests {
     #[test]
     fn ages_and_times() {
         let now = OffsetDateTime::now_utc();
-        assert_eq!(parse_time("10m", now).unwrap(), now - time::Duration::minutes(10));
+        assert_eq!(
+            parse_time("10m", now).unwrap(),
+            now - time::Duration::minutes(10)
+        );
         assert!(parse_time("2026-11-24T10:00:00Z", now).is_ok());
         assert!(parse_time("yesterday", now).is_err());
     }

@@ -233,7 +233,10 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
                 }
             }
         }
-        if let Err(e) = tokio::task::spawn_blocking(move || store.flush()).await.unwrap_or(Ok(())) {
+        if let Err(e) = tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .unwrap_or(Ok(()))
+        {
             tracing::error!("flushing the event store failed: {e}");
         }
     });

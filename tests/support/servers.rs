@@ -1,0 +1,232 @@
+//! Small servers on loopback that stand in for external services: they run
+//! in the test process (outside every monitored cgroup) and record what they
+//! received, so a test can check that bytes arrived intact.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    thread,
+};
+
+use sha2::{Digest, Sha256};
+
+/// One request as the HTTP server saw it.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub peer: SocketAddr,
+}
+
+/// A minimal HTTP/1.1 server (one request per connection) that answers
+/// every request with `response_body` and records what it got.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<SeenRequest>>>,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn read_request(s: &mut TcpStream, peer: SocketAddr) -> Option<SeenRequest> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_owned();
+    let path = first.next()?.to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some(SeenRequest {
+        method,
+        path,
+        headers,
+        body,
+        peer,
+    })
+}
+
+impl HttpServer {
+    pub fn start(bind: SocketAddr, response_body: &'static str) -> Self {
+        let l = TcpListener::bind(bind).expect("bind test server");
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = Arc::clone(&seen);
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let seen = Arc::clone(&seen2);
+                thread::spawn(move || {
+                    let peer = s.peer_addr().unwrap();
+                    if let Some(req) = read_request(&mut s, peer) {
+                        seen.lock().unwrap().push(req);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                            response_body.len(),
+                            response_body
+                        );
+                        let _ = s.write_all(resp.as_bytes());
+                    }
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Echoes every byte back until the client closes.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+}
+
+impl EchoServer {
+    pub fn start(bind: SocketAddr) -> Self {
+        let l = TcpListener::bind(bind).expect("bind echo server");
+        let addr = l.local_addr().unwrap();
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
+/// Reads everything a client sends, then answers with the SHA-256 of it
+/// (hex, newline) and the byte count, and closes.
+pub struct HashSink {
+    pub addr: SocketAddr,
+}
+
+impl HashSink {
+    pub fn start(bind: SocketAddr) -> Self {
+        let l = TcpListener::bind(bind).expect("bind sink");
+        let addr = l.local_addr().unwrap();
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                thread::spawn(move || {
+                    let mut h = Sha256::new();
+                    let mut total = 0u64;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                h.update(&buf[..n]);
+                                total += n as u64;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                    let _ = writeln!(s, "{hex} {total}");
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
+/// Sends `len` pseudo-random bytes (seeded) to a client on connect, then
+/// closes: a download source whose content the client can hash.
+pub struct StreamSource {
+    pub addr: SocketAddr,
+}
+
+impl StreamSource {
+    pub fn start(bind: SocketAddr, len: u64) -> Self {
+        let l = TcpListener::bind(bind).expect("bind source");
+        let addr = l.local_addr().unwrap();
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                thread::spawn(move || {
+                    let block = pattern_block();
+                    let mut left = len;
+                    while left > 0 {
+                        let n = left.min(block.len() as u64) as usize;
+                        if s.write_all(&block[..n]).is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
+/// 1 MiB of deterministic, non-repeating-looking bytes.
+pub fn pattern_block() -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// SHA-256 of `len` bytes of the repeated [`pattern_block`].
+pub fn pattern_sha256(len: u64) -> String {
+    let block = pattern_block();
+    let mut h = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        h.update(&block[..n]);
+        left -= n as u64;
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
