@@ -25,7 +25,7 @@ use super::decide::{MaskScope, Verdict, DEFAULT_RULE};
 use super::detectors::{did_you_mean, group_class, is_builtin, BUILTIN_DETECTORS, DETECTOR_GROUPS};
 use super::load::PolicyError;
 use super::schema::{
-    Action, DetectorClass, DetectorSettings, Match, MaskStyle, Mode, PolicyFile, PortRange,
+    Action, DetectorClass, DetectorSettings, MaskStyle, Match, Mode, PolicyFile, PortRange,
     Protocol, Rule,
 };
 
@@ -149,7 +149,11 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&self, needle: Option<&str>, message: String) -> PolicyError {
         let offset = needle.and_then(|n| find_quoted(&self.file.text, self.from, n));
-        let offset = offset.or(if self.rule.is_some() { Some(self.from) } else { None });
+        let offset = offset.or(if self.rule.is_some() {
+            Some(self.from)
+        } else {
+            None
+        });
         PolicyError::Invalid {
             file: self.file.path.clone(),
             rule: self.rule.map(str::to_owned),
@@ -495,18 +499,17 @@ fn build_globs(
     Ok(Some(PatternSet { globs }))
 }
 
-fn compile_match(ctx: &Ctx, m: &Match, detectors: &Detectors) -> Result<CompiledMatch, PolicyError> {
+fn compile_match(
+    ctx: &Ctx,
+    m: &Match,
+    detectors: &Detectors,
+) -> Result<CompiledMatch, PolicyError> {
     let mut cidr = Vec::with_capacity(m.cidr.len());
     for c in &m.cidr {
         let net = c
             .parse::<IpNet>()
             .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|e| {
-                ctx.err(
-                    Some(c),
-                    format!("bad CIDR `{c}`{}: {e}", ctx.place("cidr")),
-                )
-            })?;
+            .map_err(|e| ctx.err(Some(c), format!("bad CIDR `{c}`{}: {e}", ctx.place("cidr"))))?;
         cidr.push(net.trunc());
     }
     for comm in &m.comm {
@@ -530,15 +533,16 @@ fn compile_match(ctx: &Ctx, m: &Match, detectors: &Detectors) -> Result<Compiled
         }
         method.push(x.to_ascii_uppercase());
     }
-    let detector_set = |field: &str, names: &[String]| -> Result<Option<DetectorSet>, PolicyError> {
-        if names.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(match detectors.resolve(ctx, field, names)? {
-            None => DetectorSet::Any,
-            Some(names) => DetectorSet::Names(names),
-        }))
-    };
+    let detector_set =
+        |field: &str, names: &[String]| -> Result<Option<DetectorSet>, PolicyError> {
+            if names.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(match detectors.resolve(ctx, field, names)? {
+                None => DetectorSet::Any,
+                Some(names) => DetectorSet::Names(names),
+            }))
+        };
     Ok(CompiledMatch {
         exe: build_globs(ctx, "exe", &m.exe, GlobKind::Path)?,
         comm: m.comm.clone(),
@@ -574,7 +578,11 @@ fn compile_action(
         Action::Allow => Verdict::Allow,
         Action::AuditOnly => Verdict::AuditOnly,
         Action::Block { reason } => Verdict::Block {
-            reason: Arc::from(reason.clone().unwrap_or_else(|| format!("blocked by {who}"))),
+            reason: Arc::from(
+                reason
+                    .clone()
+                    .unwrap_or_else(|| format!("blocked by {who}")),
+            ),
         },
         Action::Mask {
             detectors: names,
@@ -592,10 +600,7 @@ fn compile_action(
         }
         Action::RequireApproval { timeout, reason } => {
             if timeout.is_zero() {
-                return Err(ctx.err(
-                    None,
-                    format!("RequireApproval in {who} has a zero timeout"),
-                ));
+                return Err(ctx.err(None, format!("RequireApproval in {who} has a zero timeout")));
             }
             Verdict::RequireApproval {
                 timeout: *timeout,

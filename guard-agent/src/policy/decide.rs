@@ -98,9 +98,7 @@ impl MaskScope {
         }
         match &self.detectors {
             None => true,
-            Some(names) => names
-                .binary_search_by(|n| n.as_ref().cmp(detector))
-                .is_ok(),
+            Some(names) => names.binary_search_by(|n| n.as_ref().cmp(detector)).is_ok(),
         }
     }
 }
@@ -248,7 +246,11 @@ fn opt_glob(set: &Option<PatternSet>, value: Option<&str>) -> bool {
 impl CompiledMatch {
     /// The first condition (cheapest first) that the facts fail, if any.
     pub(crate) fn first_mismatch(&self, f: &RequestFacts) -> Option<Condition> {
-        if !self.port.is_empty() && !f.dest_port.is_some_and(|p| self.port.iter().any(|r| r.contains(p))) {
+        if !self.port.is_empty()
+            && !f
+                .dest_port
+                .is_some_and(|p| self.port.iter().any(|r| r.contains(p)))
+        {
             return Some(Condition::Port);
         }
         if !self.protocol.is_empty() && !f.protocol.is_some_and(|p| self.protocol.contains(&p)) {
@@ -265,16 +267,30 @@ impl CompiledMatch {
         {
             return Some(Condition::Method);
         }
-        if !self.comm.is_empty() && !f.comm.as_deref().is_some_and(|c| self.comm.iter().any(|x| x == c)) {
+        if !self.comm.is_empty()
+            && !f
+                .comm
+                .as_deref()
+                .is_some_and(|c| self.comm.iter().any(|x| x == c))
+        {
             return Some(Condition::Comm);
         }
-        if !self.user.is_empty() && !f.user.as_deref().is_some_and(|u| self.user.iter().any(|x| x == u)) {
+        if !self.user.is_empty()
+            && !f
+                .user
+                .as_deref()
+                .is_some_and(|u| self.user.iter().any(|x| x == u))
+        {
             return Some(Condition::User);
         }
         if !self.group.is_empty() && !f.groups.iter().any(|g| self.group.contains(g)) {
             return Some(Condition::Group);
         }
-        if !self.cidr.is_empty() && !f.dest_ip.is_some_and(|ip| self.cidr.iter().any(|n| n.contains(&ip))) {
+        if !self.cidr.is_empty()
+            && !f
+                .dest_ip
+                .is_some_and(|ip| self.cidr.iter().any(|n| n.contains(&ip)))
+        {
             return Some(Condition::Cidr);
         }
         if let Some(set) = &self.findings {
@@ -283,7 +299,11 @@ impl CompiledMatch {
             }
         }
         if let Some(set) = &self.leaving_home {
-            if !f.findings.iter().any(|x| !x.goes_home && set.contains(&x.detector)) {
+            if !f
+                .findings
+                .iter()
+                .any(|x| !x.goes_home && set.contains(&x.detector))
+            {
                 return Some(Condition::LeavingHome);
             }
         }
@@ -315,7 +335,9 @@ impl DetectorSet {
     pub(crate) fn contains(&self, detector: &str) -> bool {
         match self {
             DetectorSet::Any => true,
-            DetectorSet::Names(names) => names.binary_search_by(|n| n.as_ref().cmp(detector)).is_ok(),
+            DetectorSet::Names(names) => {
+                names.binary_search_by(|n| n.as_ref().cmp(detector)).is_ok()
+            }
         }
     }
 }

@@ -74,7 +74,10 @@ pub(crate) fn closest<'a>(
 }
 
 /// `", did you mean `x`?"` or nothing.
-pub(crate) fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+pub(crate) fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> String {
     match closest(word, candidates) {
         Some(c) => format!(", did you mean `{c}`?"),
         None => String::new(),

@@ -34,7 +34,10 @@ pub enum RuleOutcome {
     /// This rule decided.
     Matched,
     /// A `when` condition failed; `detail` says what was compared.
-    NotMatched { condition: Condition, detail: String },
+    NotMatched {
+        condition: Condition,
+        detail: String,
+    },
     /// `when` matched but `unless` matched too.
     Excepted,
     /// An earlier rule matched first.
@@ -99,7 +102,10 @@ fn mismatch_detail(condition: Condition, m: &Match, f: &RequestFacts) -> String 
     let (have, want) = match condition {
         Condition::Exe => (fact("exe", f.exe.as_deref()), list(&m.exe)),
         Condition::Comm => (fact("comm", f.comm.as_deref()), list(&m.comm)),
-        Condition::Ancestor => (format!("ancestors {}", names(&f.ancestors)), list(&m.ancestor)),
+        Condition::Ancestor => (
+            format!("ancestors {}", names(&f.ancestors)),
+            list(&m.ancestor),
+        ),
         Condition::User => (fact("user", f.user.as_deref()), list(&m.user)),
         Condition::Group => (format!("groups {}", names(&f.groups)), list(&m.group)),
         Condition::Uid => (fact("uid", f.uid), list(&m.uid)),

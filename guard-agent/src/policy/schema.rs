@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// One `*.ron` file. The base file sets `mode` and `default`; fragment files
 /// leave both out and only add rules and detector settings (see `load.rs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename = "Policy", deny_unknown_fields)]
 pub struct PolicyFile {
     pub name: String,
     #[serde(default)]
