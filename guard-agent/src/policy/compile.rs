@@ -149,7 +149,8 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&self, needle: Option<&str>, message: String) -> PolicyError {
         let offset = needle.and_then(|n| find_quoted(&self.file.text, self.from, n));
-        let offset = offset.or(if self.rule.is_some() {
+        // Without the value, point at the rule (or custom detector) itself.
+        let offset = offset.or(if self.rule.is_some() || self.from > 0 {
             Some(self.from)
         } else {
             None
@@ -390,7 +391,7 @@ fn known_detectors(files: &[ParsedFile]) -> Result<Detectors, PolicyError> {
                 rule: None,
                 from: find_quoted(&file.text, 0, name).unwrap_or(0),
             };
-            check_regex(&ctx, &format!("detectors.custom `{name}`"), &custom.regex)?;
+            check_regex(&ctx, &format!("custom detector `{name}`"), &custom.regex)?;
             if let Some(super::schema::Validator::Entropy(bits)) = custom.validator {
                 if !(bits > 0.0 && bits <= 8.0) {
                     return Err(ctx.err(
@@ -407,10 +408,16 @@ fn known_detectors(files: &[ParsedFile]) -> Result<Detectors, PolicyError> {
 
 fn check_regex(ctx: &Ctx, place: &str, regex: &str) -> Result<(), PolicyError> {
     regex::Regex::new(regex).map(|_| ()).map_err(|e| {
-        ctx.err(
-            None,
-            format!("bad regex in {place}: {}", e.to_string().replace('\n', " ")),
-        )
+        // The regex crate draws a caret diagram over several lines; keep
+        // only its final "error: …" line.
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("error: "))
+            .unwrap_or(text.as_str())
+            .to_owned();
+        ctx.err(None, format!("bad regex `{regex}` in {place}: {why}"))
     })
 }
 

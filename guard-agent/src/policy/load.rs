@@ -67,7 +67,7 @@ pub fn parse_policy(path: &Path, text: &str) -> Result<PolicyFile, PolicyError> 
 
 fn one_of(expected: &[&str]) -> String {
     let names: Vec<String> = expected.iter().map(|e| format!("`{e}`")).collect();
-    format!("expected one of {}", names.join(", "))
+    format!(" (expected one of {})", names.join(", "))
 }
 
 fn describe_ron_error(code: &ron::Error) -> String {
@@ -82,7 +82,7 @@ fn describe_ron_error(code: &ron::Error) -> String {
             found,
             outer,
         } => format!(
-            "unknown field `{found}`{}{}; {}",
+            "unknown field `{found}`{}{}{}",
             inside(outer),
             did_you_mean(found, expected.iter().copied()),
             one_of(expected)
@@ -92,7 +92,7 @@ fn describe_ron_error(code: &ron::Error) -> String {
             found,
             outer,
         } => format!(
-            "unknown variant `{found}`{}{}; {}",
+            "unknown variant `{found}`{}{}{}",
             inside(outer),
             did_you_mean(found, expected.iter().copied()),
             one_of(expected)
