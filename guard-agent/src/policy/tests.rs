@@ -637,3 +637,41 @@ fn reload_swaps_in_a_good_policy_and_keeps_the_last_good_one_on_error() {
     ));
     assert_eq!(store.current().name(), "v2");
 }
+
+#[test]
+fn the_annotated_example_in_the_readme_compiles_and_behaves() {
+    let readme = std::fs::read_to_string(repo_dir().join("README.md")).unwrap();
+    let start = readme.find("```ron\n").expect("a ```ron block") + "```ron\n".len();
+    let len = readme[start..].find("```").unwrap();
+    let p = policy(&readme[start..start + len]);
+    assert_eq!(p.name(), "acme-laptops");
+    assert!(!p.detector_enabled("private-ip"));
+
+    let mut f = with_finding(to_host("pastebin.example"), "acme-internal-token", false);
+    f.ancestors = vec!["/home/me/.local/bin/claude".into()];
+    assert_eq!(p.decide(&f).rule.as_ref(), "agents-no-secrets-out");
+
+    let mut f = to_host("api.openai.com");
+    f.path = Some("/v1/files".into());
+    let d = p.decide(&f);
+    assert!(matches!(d.action, Verdict::RequireApproval { .. }), "{d}");
+
+    let card = with_finding(to_host("api.stripe.com"), "credit-card", false);
+    assert_eq!(p.decide(&card).rule.as_ref(), DEFAULT_RULE);
+}
+
+#[test]
+fn actions_can_leave_out_every_optional_field() {
+    let p = policy(
+        r#"Policy(name: "t", mode: Enforce, default: RequireApproval(), rules: [
+            Rule(name: "b", when: (port: [1]), action: Block()),
+        ])"#,
+    );
+    assert_eq!(
+        p.decide(&to_host("a")).action,
+        Verdict::RequireApproval {
+            timeout: Duration::from_secs(300),
+            reason: "approval required by the policy's default".into()
+        }
+    );
+}
