@@ -5,6 +5,31 @@
 //! and served from a [`PolicyStore`] that reloads atomically: a bad file
 //! never replaces a good policy.
 //!
+//! ```
+//! use guard_agent::policy::{load_sources, FindingFact, RequestFacts, Verdict};
+//!
+//! let policy = load_sources(&[(
+//!     "inline.ron",
+//!     r#"Policy(name: "p", mode: Enforce, default: Allow, rules: [
+//!         Rule(name: "mask-cards", when: (findings: ["credit-card"]), action: Mask()),
+//!     ])"#,
+//! )])?;
+//! let facts = RequestFacts {
+//!     dest_host: Some("shop.example".into()),
+//!     findings: vec![FindingFact::new("credit-card", false)],
+//!     ..Default::default()
+//! };
+//! let decision = policy.decide(&facts);
+//! assert!(matches!(decision.action, Verdict::Mask(_)));
+//! assert_eq!(decision.rule.as_ref(), "mask-cards");
+//! println!("{}", policy.explain(&facts)); // the per-rule trace
+//! # Ok::<(), guard_agent::policy::PolicyError>(())
+//! ```
+//!
+//! Live use: `PolicyStore::open(dir)` at start, `store.current()` per
+//! connection (a cheap `Arc` snapshot), `store.reload(dir)` on SIGHUP or an
+//! admin request; a failed reload returns the error and changes nothing.
+//!
 //! Files, by concern:
 //! - `schema.rs`: the language as serde types (what users write);
 //! - `detectors.rs`: built-in detector names and groups, "did you mean";

@@ -583,6 +583,12 @@ fn fragments_add_rules_in_file_order_and_one_base_sets_mode() {
         e.to_string().contains("both a.ron and b.ron set `mode`"),
         "{e}"
     );
+    let half = r#"Policy(name: "half", mode: Monitor)"#;
+    let e = load_sources(&[("a.ron", base), ("b.ron", half)]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "b.ron: sets `mode` but not `default`; the base file sets both, other files set neither"
+    );
     let e = load_sources(&[("a.ron", extra)]).unwrap_err();
     assert!(
         e.to_string().contains("no file sets `mode` and `default`"),
