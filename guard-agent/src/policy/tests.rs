@@ -129,6 +129,12 @@ fn ci_example_blocks_unknown_hosts_and_allows_registries() {
         p.decide(&to_host("objects.githubusercontent.com")).action,
         Verdict::Allow
     );
+    let mut push = to_host("api.github.com");
+    push.ancestors = vec!["/usr/bin/bash".into(), "/home/ci/.cargo/bin/cargo".into()];
+    let d = p.decide(&push);
+    assert_eq!(d.rule.as_ref(), "no-writes-to-code-host-from-tests", "{d}");
+    push.ancestors.clear();
+    assert_eq!(p.decide(&push).rule.as_ref(), "code-host");
     let other = p.decide(&to_host("evil.example"));
     assert_eq!(other.rule.as_ref(), DEFAULT_RULE);
     assert!(
