@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod intercept;
+pub mod policy;
 pub mod proc;
 pub mod shutdown;
 pub mod store;
