@@ -16,3 +16,4 @@ pub mod policy;
 pub mod proc;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
