@@ -130,7 +130,11 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let writer = store::start_writer(store.clone(), cfg.retention);
 
     let (mut programs, table) = KernelPrograms::load(&cfg)?;
-    for c in cfg.cgroups.iter().chain(std::iter::once(&exec_parent)) {
+    // The exec parent inherits the programs when it lies below a monitored
+    // cgroup; attaching it again would run every program twice.
+    let exec_inherits = cfg.cgroups.iter().any(|c| exec_parent.starts_with(c));
+    let own_exec = (!exec_inherits).then_some(&exec_parent);
+    for c in cfg.cgroups.iter().chain(own_exec) {
         programs.attach(c)?;
         tracing::info!(cgroup = %c.display(), "kernel programs attached");
     }
