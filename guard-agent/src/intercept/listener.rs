@@ -19,15 +19,15 @@ use tokio::{
     sync::watch,
 };
 
-use super::splice::{splice, ByteCounts};
+use super::{
+    connect::{connect_tcp, describe_connect_error},
+    splice::{splice, ByteCounts},
+};
 use crate::{
     bpf::OriginalDstTable,
     proc::ProcCache,
     store::{Event, EventSink, Verdict},
 };
-
-/// How long an upstream connect may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Live counters, reported by `guard-agent status`.
 #[derive(Debug, Default)]
@@ -117,38 +117,6 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Why an upstream connect failed, in words.
-fn describe_connect_error(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => "upstream refused the connection (ECONNREFUSED)".into(),
-        Some(libc::EHOSTUNREACH) => "upstream host unreachable (EHOSTUNREACH)".into(),
-        Some(libc::ENETUNREACH) => "upstream network unreachable (ENETUNREACH)".into(),
-        Some(libc::ETIMEDOUT) => "upstream connect timed out (ETIMEDOUT)".into(),
-        _ if e.kind() == io::ErrorKind::TimedOut => {
-            format!(
-                "upstream connect timed out after {}s",
-                CONNECT_TIMEOUT.as_secs()
-            )
-        }
-        _ => format!("upstream connect failed: {e}"),
-    }
-}
-
-/// Connects to the original destination from a marked socket.
-async fn connect_upstream(dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    let sock = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket2::SockRef::from(&sock).set_mark(mark)?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
 /// Looks the original destination up; the kernel publishes it before the
 /// accept completes, a few retries cover scheduling delays.
 async fn original_destination(table: &OriginalDstTable, peer: SocketAddr) -> Option<OriginalDst> {
@@ -196,7 +164,7 @@ async fn handle(
     ev.comm = Some(comm_str(&orig.comm));
 
     let procs = Arc::clone(&ctx.procs);
-    let (info, upstream) = tokio::join!(procs.lookup(orig.tgid), connect_upstream(dst, ctx.mark));
+    let (info, upstream) = tokio::join!(procs.lookup(orig.tgid), connect_tcp(dst, ctx.mark));
     ev.user = ctx.procs.user_name(orig.uid);
     ev.exe = info.exe.clone();
     ev.cmdline = info.cmdline.clone();

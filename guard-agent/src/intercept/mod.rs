@@ -7,6 +7,7 @@
 //! never forward a connection whose original destination it does not know.
 //! [`sniff`] classifies the first bytes a client sends without consuming them.
 
+pub mod connect;
 pub mod listener;
 pub mod sniff;
 pub mod splice;

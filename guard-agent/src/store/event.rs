@@ -17,12 +17,15 @@ use crate::proc::Ancestor;
 pub enum EventKind {
     /// One redirected TCP connection, recorded when it closes.
     Connection,
+    /// One HTTP request and its response, recorded when the response ends.
+    Http,
 }
 
 impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Connection => "connection",
+            EventKind::Http => "http",
         }
     }
 }
@@ -33,6 +36,8 @@ impl EventKind {
 pub enum Verdict {
     /// Forwarded to its destination.
     Allow,
+    /// Forwarded with sensitive content masked.
+    Mask,
     /// Refused by policy.
     Block,
     /// Could not be forwarded (upstream refused, unreachable, unknown
@@ -44,6 +49,7 @@ impl Verdict {
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
+            Verdict::Mask => "mask",
             Verdict::Block => "block",
             Verdict::Error => "error",
         }
@@ -52,6 +58,7 @@ impl Verdict {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "allow" => Some(Verdict::Allow),
+            "mask" => Some(Verdict::Mask),
             "block" => Some(Verdict::Block),
             "error" => Some(Verdict::Error),
             _ => None,
@@ -99,6 +106,88 @@ pub struct Event {
     pub duration_ms: Option<f64>,
     /// Why it failed, in words.
     pub error: Option<String>,
+    /// Links the requests of one connection to it (random per connection).
+    #[serde(default)]
+    pub conn_id: Option<u64>,
+    /// TLS as seen from the client (SNI, ALPN, version), when it spoke TLS.
+    #[serde(default)]
+    pub tls: Option<TlsRecord>,
+    /// The request and response, for `kind: http`.
+    #[serde(default)]
+    pub http: Option<HttpRecord>,
+    /// The policy decision that applied.
+    #[serde(default)]
+    pub policy: Option<PolicyRecord>,
+    /// What the detectors found (masked values only).
+    #[serde(default)]
+    pub findings: Vec<FindingRecord>,
+}
+
+/// TLS parameters of an intercepted connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TlsRecord {
+    pub sni: Option<String>,
+    /// ALPN negotiated with the client.
+    pub alpn: Option<String>,
+    pub version: Option<String>,
+    /// ALPN negotiated with the upstream.
+    pub upstream_alpn: Option<String>,
+    pub upstream_version: Option<String>,
+    /// True when the connection was spliced without decryption.
+    #[serde(default)]
+    pub passthrough: bool,
+}
+
+/// One HTTP exchange. Header values that carry credentials are replaced by
+/// a keyed fingerprint; excerpts are taken after masking.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HttpRecord {
+    pub method: String,
+    pub scheme: String,
+    pub host: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub version: String,
+    pub status: Option<u16>,
+    pub request_headers: Vec<(String, String)>,
+    pub response_headers: Vec<(String, String)>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Time to the first byte of the response head, from the request head.
+    pub ttfb_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+    pub request_excerpt: Option<String>,
+    pub response_excerpt: Option<String>,
+    /// Protocol upgrade carried after the exchange (e.g. "websocket").
+    pub upgrade: Option<String>,
+}
+
+/// Which rule decided, and what it said.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub rule: String,
+    pub action: String,
+    pub mode: String,
+    /// In monitor mode: what enforce mode would have done.
+    pub would_have: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// One detector hit, without its value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FindingRecord {
+    pub detector: String,
+    /// Where: `body $.user.card`, `query token`, `header x-api-key`, ...
+    pub location: String,
+    /// The mask the value was (or would have been) replaced with.
+    pub masked: String,
+    pub fingerprint: String,
+    /// The secret was going to its own service.
+    #[serde(default)]
+    pub goes_home: bool,
+    /// It was actually masked in what left the host.
+    #[serde(default)]
+    pub applied: bool,
 }
 
 impl Event {
@@ -129,6 +218,11 @@ impl Event {
             closed_at: None,
             duration_ms: None,
             error: None,
+            conn_id: None,
+            tls: None,
+            http: None,
+            policy: None,
+            findings: Vec::new(),
         }
     }
 }

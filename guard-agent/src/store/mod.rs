@@ -23,7 +23,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc};
 
-pub use event::{Event, EventKind, Verdict};
+pub use event::{Event, EventKind, FindingRecord, HttpRecord, PolicyRecord, TlsRecord, Verdict};
 pub use filter::EventFilter;
 
 use crate::config::Retention;
@@ -84,7 +84,9 @@ impl EventStore {
         let mut batch = sled::Batch::default();
         let mut added = 0u64;
         for e in events.iter_mut() {
-            e.id = self.db.generate_id()? + 1;
+            if e.id == 0 {
+                e.id = self.next_id()?;
+            }
             let value = serde_json::to_vec(e)?;
             added += (8 + value.len()) as u64;
             batch.insert(&e.id.to_be_bytes(), value);
@@ -92,6 +94,12 @@ impl EventStore {
         self.events.apply_batch(batch)?;
         self.bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A fresh event id (increasing, never reused, survives restarts), for
+    /// a caller that must name an event before it is written (a 403 body).
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()? + 1)
     }
 
     /// Matching events, oldest first; with a limit, the most recent `limit`.
@@ -180,6 +188,7 @@ impl EventStore {
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::Sender<Event>,
+    store: EventStore,
 }
 
 impl EventSink {
@@ -189,6 +198,11 @@ impl EventSink {
         if self.tx.send(e).await.is_err() {
             tracing::error!("event writer is gone; an event was lost");
         }
+    }
+
+    /// Reserves an event id ahead of recording (see [`EventStore::next_id`]).
+    pub fn reserve_id(&self) -> u64 {
+        self.store.next_id().unwrap_or(0)
     }
 }
 
@@ -203,6 +217,10 @@ pub struct EventWriter {
 /// queued, once every [`EventSink`] clone is dropped.
 pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
     let (tx, mut rx) = mpsc::channel::<Event>(8192);
+    let sink = EventSink {
+        tx,
+        store: store.clone(),
+    };
     let (stored, _) = broadcast::channel(4096);
     let out = stored.clone();
     let task = tokio::spawn(async move {
@@ -241,7 +259,7 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
         }
     });
     EventWriter {
-        sink: EventSink { tx },
+        sink,
         stored,
         task,
     }
