@@ -4,3 +4,5 @@
 //!
 //! One module per concern (see ARCHITECTURE.md for the map). Only `intercept`
 //! and `http` sit on the hot path.
+
+pub mod dlp;
