@@ -325,7 +325,7 @@ pub const URL_CREDENTIALS: Detector = Detector {
     ],
     ..secret(
         "url-credentials",
-        r#"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/?#@"'<>]{1,256}:([^\s/?#@"'<>]{1,256})@|\bjdbc:[a-z0-9]+:[^\s"'<>]*?[;?&](?i:password|pwd)=([^;&\s"'<>]{1,256})"#,
+        r#"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/?#@"'<>]{0,256}:([^\s/?#@"'<>]{1,256})@|\bjdbc:[a-z0-9]+:[^\s"'<>]*?[;?&](?i:password|pwd)=([^;&\s"'<>]{1,256})"#,
         anchor(&["://", "jdbc:"], 24, 600),
     )
 };
