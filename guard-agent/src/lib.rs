@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dlp;
 pub mod intercept;
 pub mod policy;
 pub mod proc;

@@ -1,0 +1,643 @@
+//! The compiled engine and its single pass over the data.
+//!
+//! A scan is two linear passes whose cost does not grow with the number of
+//! detectors:
+//! 1. one Aho-Corasick automaton over every detector's literal anchors
+//!    (`ghp_`, `AKIA`, `-----BEGIN`, `password`, `@`, ...); each hit runs
+//!    that detector's regex only in a small window around the hit;
+//! 2. one multi-pattern regex-automata DFA over the detectors that have no
+//!    literal anchor (card numbers, IBANs, SSNs, phones, custom detectors).
+//!
+//! Validators run only on candidates. Overlapping candidates are resolved
+//! by priority (a specific credential beats `password=...`, which beats
+//! PII), then by length.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind as AcMatchKind};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use regex_automata::meta::{self, Regex};
+use regex_automata::{util::syntax, Anchored, Input, Match};
+
+use crate::dlp::detectors::{Detector, BUILTIN, SECRET_FIELD_NAME, SECRET_PLACEHOLDERS};
+use crate::dlp::mask::{self, MaskKey};
+use crate::dlp::settings::{DetectorClass, DlpSettings, MaskStyle};
+use crate::dlp::validators::Validator;
+use crate::dlp::{DlpError, Finding, Location};
+
+/// How far before a custom detector's match one of its keywords may be.
+const KEYWORD_WINDOW: usize = 128;
+
+pub(crate) fn build_regex(patterns: &[&str]) -> Result<Regex, meta::BuildError> {
+    Regex::builder()
+        .syntax(syntax::Config::new().unicode(false).utf8(false))
+        .configure(Regex::config().utf8_empty(false))
+        .build_many(patterns)
+}
+
+/// One detector, compiled.
+pub(crate) struct Compiled {
+    pub name: Arc<str>,
+    pub class: DetectorClass,
+    regex: Regex,
+    has_groups: bool,
+    validator: Validator,
+    pub mask: MaskStyle,
+    allow_exact: HashSet<Vec<u8>>,
+    allow_regex: Option<Regex>,
+    priority: u8,
+    home: Option<GlobSet>,
+    /// Custom detector with keywords: a match needs one nearby.
+    keyword_gated: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    Confirm {
+        det: usize,
+        back: usize,
+        span: usize,
+    },
+    Keyword {
+        det: usize,
+    },
+}
+
+/// A candidate that passed its validator and allowlist: which detector and
+/// where the value is in the scanned bytes. Never holds the bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hit {
+    pub range: Range<usize>,
+    pub det: usize,
+}
+
+/// The compiled DLP engine: built once from [`DlpSettings`], shared by
+/// every request (`&self` only; `Send + Sync`).
+pub struct Engine {
+    pub(crate) detectors: Vec<Compiled>,
+    by_name: HashMap<Arc<str>, usize>,
+    ac: Option<AhoCorasick>,
+    ac_targets: Vec<Vec<Target>>,
+    shape: Option<Regex>,
+    shape_ids: Vec<usize>,
+    pub(crate) field_name: Regex,
+    generic: Option<usize>,
+    pub(crate) key: MaskKey,
+    pub(crate) max_decoded_bytes: usize,
+    pub(crate) stream_overlap: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field(
+                "detectors",
+                &self.detectors.iter().map(|d| &*d.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_kebab(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+fn compile_home(detector: &str, globs: &[String]) -> Result<Option<GlobSet>, DlpError> {
+    if globs.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for g in globs {
+        let glob = GlobBuilder::new(g)
+            .case_insensitive(true)
+            .build()
+            .map_err(|e| DlpError::BadHomeGlob {
+                detector: detector.to_string(),
+                pattern: g.clone(),
+                reason: e.to_string(),
+            })?;
+        b.add(glob);
+    }
+    b.build().map(Some).map_err(|e| DlpError::BadHomeGlob {
+        detector: detector.to_string(),
+        pattern: globs.join(", "),
+        reason: e.to_string(),
+    })
+}
+
+impl Engine {
+    /// Validates `settings` and compiles them. Errors name the detector and
+    /// what is wrong with it.
+    pub fn compile(settings: &DlpSettings, key: MaskKey) -> Result<Engine, DlpError> {
+        let known: Vec<&str> = BUILTIN.iter().map(|d| d.name).collect();
+        let check_name =
+            |name: &str, field: &'static str, allow_star: bool| -> Result<(), DlpError> {
+                let custom = settings.custom.iter().any(|c| c.name == name);
+                if known.contains(&name) || custom || (allow_star && name == "*") {
+                    Ok(())
+                } else {
+                    Err(DlpError::UnknownDetector {
+                        name: name.to_string(),
+                        field,
+                        known: known.join(", "),
+                    })
+                }
+            };
+        if let Some(en) = &settings.enabled {
+            for n in en {
+                check_name(n, "enabled", false)?;
+            }
+        }
+        for n in &settings.disabled {
+            check_name(n, "disabled", false)?;
+        }
+        for n in settings.mask.keys() {
+            check_name(n, "mask", false)?;
+        }
+        for n in settings.allowlist.keys() {
+            check_name(n, "allowlist", true)?;
+        }
+        for n in settings.allowlist_regex.keys() {
+            check_name(n, "allowlist_regex", true)?;
+        }
+        for n in settings.home.keys() {
+            check_name(n, "home", false)?;
+        }
+        let mut seen = HashSet::new();
+        for c in &settings.custom {
+            let bad = |what: String| DlpError::BadCustom {
+                name: c.name.clone(),
+                what,
+            };
+            if !is_kebab(&c.name) {
+                return Err(bad("the name must be kebab-case (a-z, 0-9, -)".into()));
+            }
+            if known.contains(&c.name.as_str()) {
+                return Err(bad("the name is already a built-in detector".into()));
+            }
+            if !seen.insert(c.name.as_str()) {
+                return Err(bad("the name is used twice".into()));
+            }
+            if c.keywords.iter().any(|k| k.is_empty()) {
+                return Err(bad("a keyword is empty".into()));
+            }
+            if let Some(crate::dlp::settings::ValidatorSettings::Entropy(n)) = c.validator {
+                if !(0.0..=8.0).contains(&n) {
+                    return Err(bad(format!(
+                        "entropy must be between 0 and 8 bits per byte, not {n}"
+                    )));
+                }
+            }
+        }
+        if settings.stream_overlap < 64 {
+            return Err(DlpError::BadSetting {
+                field: "stream_overlap",
+                what: "must be at least 64 bytes".into(),
+            });
+        }
+
+        let enabled = |d: &Detector| {
+            settings
+                .enabled
+                .as_ref()
+                .is_none_or(|en| en.iter().any(|n| n == d.name))
+                && !settings.disabled.iter().any(|n| n == d.name)
+        };
+
+        let allow_for = |name: &str,
+                         class: DetectorClass,
+                         builtin: &[&str],
+                         builtin_re: &[&str]|
+         -> Result<(HashSet<Vec<u8>>, Option<Regex>), DlpError> {
+            let mut exact: HashSet<Vec<u8>> =
+                builtin.iter().map(|v| v.as_bytes().to_vec()).collect();
+            for key in [name, "*"] {
+                for v in settings.allowlist.get(key).into_iter().flatten() {
+                    exact.insert(v.as_bytes().to_vec());
+                }
+            }
+            let mut res: Vec<String> = builtin_re.iter().map(|r| format!("^(?:{r})$")).collect();
+            if class == DetectorClass::Secret {
+                res.push(format!("^(?:{SECRET_PLACEHOLDERS})$"));
+            }
+            for key in [name, "*"] {
+                for r in settings.allowlist_regex.get(key).into_iter().flatten() {
+                    build_regex(&[r.as_str()]).map_err(|e| DlpError::BadAllowRegex {
+                        detector: key.to_string(),
+                        pattern: r.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    res.push(format!("^(?:{r})$"));
+                }
+            }
+            let re = if res.is_empty() {
+                None
+            } else {
+                let refs: Vec<&str> = res.iter().map(String::as_str).collect();
+                Some(build_regex(&refs).map_err(|e| DlpError::BadAllowRegex {
+                    detector: name.to_string(),
+                    pattern: res.join(" | "),
+                    reason: e.to_string(),
+                })?)
+            };
+            Ok((exact, re))
+        };
+
+        let mut detectors = Vec::new();
+        let mut anchors: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+        let mut shape_patterns: Vec<String> = Vec::new();
+        let mut shape_ids = Vec::new();
+
+        for d in BUILTIN.iter().filter(|d| enabled(d)) {
+            let regex = build_regex(&[d.pattern]).map_err(|e| DlpError::BadCustom {
+                name: d.name.to_string(),
+                what: format!("built-in regex does not compile: {e}"),
+            })?;
+            let (allow_exact, allow_regex) =
+                allow_for(d.name, d.class, d.allow_exact, d.allow_regex)?;
+            let mut home: Vec<String> = d.home.iter().map(|s| s.to_string()).collect();
+            home.extend(settings.home.get(d.name).into_iter().flatten().cloned());
+            let idx = detectors.len();
+            detectors.push(Compiled {
+                name: Arc::from(d.name),
+                class: d.class,
+                has_groups: regex
+                    .group_info()
+                    .group_len(regex_automata::PatternID::ZERO)
+                    > 1,
+                regex,
+                validator: d.validator,
+                mask: settings.mask.get(d.name).copied().unwrap_or(d.mask),
+                allow_exact,
+                allow_regex,
+                priority: d.priority,
+                home: compile_home(d.name, &home)?,
+                keyword_gated: false,
+            });
+            match d.anchor {
+                Some(a) => {
+                    for lit in a.literals {
+                        anchors.entry(lit.to_ascii_lowercase()).or_default().push(
+                            Target::Confirm {
+                                det: idx,
+                                back: a.back,
+                                span: a.span,
+                            },
+                        );
+                    }
+                }
+                None => {
+                    shape_patterns.push(d.pattern.to_string());
+                    shape_ids.push(idx);
+                }
+            }
+        }
+
+        for c in &settings.custom {
+            let regex = build_regex(&[c.regex.as_str()]).map_err(|e| DlpError::BadRegex {
+                name: c.name.clone(),
+                reason: e.to_string(),
+            })?;
+            let (allow_exact, allow_regex) = allow_for(&c.name, c.class, &[], &[])?;
+            let mut home = c.home.clone();
+            home.extend(settings.home.get(&c.name).into_iter().flatten().cloned());
+            let idx = detectors.len();
+            detectors.push(Compiled {
+                name: Arc::from(c.name.as_str()),
+                class: c.class,
+                has_groups: regex
+                    .group_info()
+                    .group_len(regex_automata::PatternID::ZERO)
+                    > 1,
+                regex,
+                validator: c.validator.map(Validator::from).unwrap_or(Validator::None),
+                mask: settings.mask.get(&c.name).copied().unwrap_or(c.mask),
+                allow_exact,
+                allow_regex,
+                priority: if c.class == DetectorClass::Secret {
+                    0
+                } else {
+                    2
+                },
+                home: compile_home(&c.name, &home)?,
+                keyword_gated: !c.keywords.is_empty(),
+            });
+            for k in &c.keywords {
+                anchors
+                    .entry(k.to_ascii_lowercase())
+                    .or_default()
+                    .push(Target::Keyword { det: idx });
+            }
+            shape_patterns.push(c.regex.clone());
+            shape_ids.push(idx);
+        }
+
+        let (ac, ac_targets) = if anchors.is_empty() {
+            (None, Vec::new())
+        } else {
+            let lits: Vec<&String> = anchors.keys().collect();
+            let ac = AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .match_kind(AcMatchKind::Standard)
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(&lits)
+                .map_err(|e| DlpError::BadSetting {
+                    field: "keywords",
+                    what: e.to_string(),
+                })?;
+            (Some(ac), anchors.into_values().collect())
+        };
+        let shape = if shape_patterns.is_empty() {
+            None
+        } else {
+            let refs: Vec<&str> = shape_patterns.iter().map(String::as_str).collect();
+            Some(build_regex(&refs).map_err(|e| DlpError::BadRegex {
+                name: "(the combined shape pass)".into(),
+                reason: e.to_string(),
+            })?)
+        };
+        let by_name = detectors
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.name.clone(), i))
+            .collect();
+        let generic = detectors.iter().position(|d| &*d.name == "generic-secret");
+        Ok(Engine {
+            detectors,
+            by_name,
+            ac,
+            ac_targets,
+            shape,
+            shape_ids,
+            field_name: build_regex(&[SECRET_FIELD_NAME])
+                .expect("built-in field-name regex compiles"),
+            generic,
+            key,
+            max_decoded_bytes: settings.max_decoded_bytes,
+            stream_overlap: settings.stream_overlap,
+        })
+    }
+
+    /// Whether `host` is a home of `detector`: a credential sent to its own
+    /// service is normal use, elsewhere a leak. PII and unknown detectors
+    /// have no home. `host` may carry a port or a trailing dot.
+    pub fn goes_home(&self, detector: &str, host: &str) -> bool {
+        let Some(&i) = self.by_name.get(detector) else {
+            return false;
+        };
+        match &self.detectors[i].home {
+            Some(set) => set.is_match(normalize_host(host)),
+            None => false,
+        }
+    }
+
+    /// The enabled detectors, in scan order.
+    pub fn detectors(&self) -> impl Iterator<Item = (&str, DetectorClass, MaskStyle)> {
+        self.detectors.iter().map(|d| (&*d.name, d.class, d.mask))
+    }
+
+    /// Every candidate in `hay`, validated, overlaps resolved, by start.
+    /// `field` is the name the value sits under (JSON key, form field,
+    /// header), if any: a secret-sounding name makes the whole value a
+    /// generic-secret candidate.
+    pub(crate) fn detect(&self, hay: &[u8], field: Option<&str>) -> Vec<Hit> {
+        let mut hits = Vec::new();
+        let mut keyword_at: Vec<(usize, usize)> = Vec::new();
+        if let Some(ac) = &self.ac {
+            for m in ac.find_overlapping_iter(hay) {
+                for t in &self.ac_targets[m.pattern().as_usize()] {
+                    match *t {
+                        Target::Confirm { det, back, span } => {
+                            self.confirm(det, hay, m.start(), back, span, &mut hits)
+                        }
+                        Target::Keyword { det } => keyword_at.push((det, m.start())),
+                    }
+                }
+            }
+        }
+        if let Some(shape) = &self.shape {
+            let mut at = 0;
+            while at < hay.len() {
+                let Some(m) = shape.search(&Input::new(hay).range(at..)) else {
+                    break;
+                };
+                let det = self.shape_ids[m.pattern().as_usize()];
+                if !self.accept_gated(det, hay, m, &keyword_at, &mut hits) {
+                    // The first shape at this position failed its checks;
+                    // another may fit here (a phone that is no card).
+                    for &other in &self.shape_ids {
+                        if other == det {
+                            continue;
+                        }
+                        let input = Input::new(hay).range(m.start()..).anchored(Anchored::Yes);
+                        if let Some(m2) = self.detectors[other].regex.search(&input) {
+                            if self.accept_gated(other, hay, m2, &keyword_at, &mut hits) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                at = m.end().max(at + 1);
+            }
+        }
+        if let (Some(field), Some(g)) = (field, self.generic) {
+            if (8..=256).contains(&hay.len())
+                && !hay.iter().any(u8::is_ascii_whitespace)
+                && self.field_name.is_match(field.as_bytes())
+            {
+                let d = &self.detectors[g];
+                if !d.allowed(hay) && d.validator.check(hay, hay) {
+                    hits.push(Hit {
+                        range: 0..hay.len(),
+                        det: g,
+                    });
+                }
+            }
+        }
+        self.resolve(hits)
+    }
+
+    fn confirm(
+        &self,
+        det: usize,
+        hay: &[u8],
+        at: usize,
+        back: usize,
+        span: usize,
+        out: &mut Vec<Hit>,
+    ) {
+        let d = &self.detectors[det];
+        let hi = hay.len().min(at.saturating_add(span));
+        if back == 0 {
+            let input = Input::new(hay).range(at..hi).anchored(Anchored::Yes);
+            if let Some(m) = d.regex.search(&input) {
+                self.accept(det, hay, m, out);
+            }
+        } else {
+            let lo = at.saturating_sub(back);
+            for m in d.regex.find_iter(Input::new(hay).range(lo..hi)) {
+                if m.start() > at {
+                    break;
+                }
+                if m.end() > at {
+                    self.accept(det, hay, m, out);
+                }
+            }
+        }
+    }
+
+    fn accept_gated(
+        &self,
+        det: usize,
+        hay: &[u8],
+        m: Match,
+        keyword_at: &[(usize, usize)],
+        out: &mut Vec<Hit>,
+    ) -> bool {
+        if self.detectors[det].keyword_gated {
+            let lo = m.start().saturating_sub(KEYWORD_WINDOW);
+            if !keyword_at
+                .iter()
+                .any(|&(d, p)| d == det && p >= lo && p < m.end())
+            {
+                return false;
+            }
+        }
+        self.accept(det, hay, m, out)
+    }
+
+    /// Runs captures (if any), allowlist and validator on one match.
+    fn accept(&self, det: usize, hay: &[u8], m: Match, out: &mut Vec<Hit>) -> bool {
+        let d = &self.detectors[det];
+        let range = if d.has_groups {
+            let mut caps = d.regex.create_captures();
+            d.regex.search_captures(
+                &Input::new(hay).range(m.range()).anchored(Anchored::Yes),
+                &mut caps,
+            );
+            (1..caps.group_len())
+                .find_map(|g| caps.get_group(g))
+                .map(|s| s.range())
+                .unwrap_or(m.range())
+        } else {
+            m.range()
+        };
+        let value = &hay[range.clone()];
+        if value.is_empty() || d.allowed(value) || !d.validator.check(value, &hay[m.range()]) {
+            return false;
+        }
+        out.push(Hit { range, det });
+        true
+    }
+
+    pub(crate) fn resolve(&self, mut hits: Vec<Hit>) -> Vec<Hit> {
+        hits.sort_by_key(|h| (h.range.start, h.range.end, h.det));
+        hits.dedup();
+        let overlapping = hits.windows(2).any(|w| w[1].range.start < w[0].range.end);
+        if !overlapping {
+            return hits;
+        }
+        hits.sort_by_key(|h| {
+            (
+                self.detectors[h.det].priority,
+                usize::MAX - h.range.len(),
+                h.range.start,
+            )
+        });
+        let mut kept: BTreeMap<usize, Hit> = BTreeMap::new();
+        for h in hits {
+            let before = kept
+                .range(..=h.range.start)
+                .next_back()
+                .is_some_and(|(_, k)| k.range.end > h.range.start);
+            let after = kept
+                .range(h.range.start..)
+                .next()
+                .is_some_and(|(&s, _)| s < h.range.end);
+            if !before && !after {
+                kept.insert(h.range.start, h);
+            }
+        }
+        kept.into_values().collect()
+    }
+
+    /// Builds the finding for a hit whose value is `value`, and the text
+    /// that replaces it.
+    pub(crate) fn finding(
+        &self,
+        det: usize,
+        value: &[u8],
+        location: Location,
+        range: Range<usize>,
+    ) -> Finding {
+        let d = &self.detectors[det];
+        Finding {
+            detector: d.name.clone(),
+            class: d.class,
+            location,
+            range,
+            masked: mask::render(d.mask, &d.name, &self.key, value),
+            fingerprint: mask::fingerprint(&self.key, value),
+        }
+    }
+
+    /// Benchmark baseline: every enabled detector's regex run over the
+    /// whole input one after another, validators on each match, no
+    /// prefilter. Returns the number of accepted values. Not for use on
+    /// the data path.
+    pub fn naive_scan(&self, hay: &[u8]) -> usize {
+        let mut out = Vec::new();
+        for det in 0..self.detectors.len() {
+            for m in self.detectors[det].regex.find_iter(hay) {
+                self.accept(det, hay, m, &mut out);
+            }
+        }
+        out.len()
+    }
+}
+
+impl Compiled {
+    fn allowed(&self, value: &[u8]) -> bool {
+        self.allow_exact.contains(value)
+            || self.allow_regex.as_ref().is_some_and(|r| r.is_match(value))
+    }
+}
+
+pub(crate) fn normalize_host(host: &str) -> String {
+    let h = host.trim();
+    let h = if let Some(rest) = h.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else if h.matches(':').count() == 1 {
+        h.split(':').next().unwrap_or(h)
+    } else {
+        h
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `goes_home` for the built-in detectors and their built-in homes, without
+/// an engine (policy compilation can use it before the engine exists).
+pub fn goes_home(detector: &str, host: &str) -> bool {
+    static HOMES: std::sync::OnceLock<HashMap<&'static str, GlobSet>> = std::sync::OnceLock::new();
+    let homes = HOMES.get_or_init(|| {
+        BUILTIN
+            .iter()
+            .filter_map(|d| {
+                let globs: Vec<String> = d.home.iter().map(|s| s.to_string()).collect();
+                compile_home(d.name, &globs)
+                    .expect("built-in home globs compile")
+                    .map(|g| (d.name, g))
+            })
+            .collect()
+    });
+    homes
+        .get(detector)
+        .is_some_and(|g| g.is_match(normalize_host(host)))
+}

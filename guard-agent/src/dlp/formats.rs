@@ -1,0 +1,797 @@
+//! Where findings are: body formats (JSON, form, multipart, text), URLs and
+//! headers. Each format is split into values with a [`Location`]; values
+//! are scanned decoded (JSON escapes, percent-encoding undone) and masks are
+//! written back encoded the same way, so the result is still valid in its
+//! format.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use crate::dlp::encoding::{self, Encoding};
+use crate::dlp::engine::Hit;
+use crate::dlp::{DlpError, Engine, Finding, Location};
+
+/// A body's format, from its Content-Type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    Form,
+    Multipart { boundary: String },
+    Text,
+}
+
+impl BodyFormat {
+    /// `application/json`, `*/*+json` → JSON; urlencoded → form;
+    /// `multipart/form-data; boundary=...` → multipart; anything else text.
+    pub fn from_content_type(ct: Option<&str>) -> BodyFormat {
+        let Some(ct) = ct else {
+            return BodyFormat::Text;
+        };
+        let lower = ct.to_ascii_lowercase();
+        let mime = lower.split(';').next().unwrap_or("").trim();
+        if mime == "application/json" || mime.ends_with("+json") || mime == "text/json" {
+            BodyFormat::Json
+        } else if mime == "application/x-www-form-urlencoded" {
+            BodyFormat::Form
+        } else if mime.starts_with("multipart/") {
+            match param(ct, "boundary") {
+                Some(b) if !b.is_empty() => BodyFormat::Multipart { boundary: b },
+                _ => BodyFormat::Text,
+            }
+        } else {
+            BodyFormat::Text
+        }
+    }
+}
+
+/// `name=value` or `name="value"` from a header value's parameters.
+fn param(header: &str, name: &str) -> Option<String> {
+    for p in header.split(';').skip(1) {
+        let (k, v) = p.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case(name) {
+            let v = v.trim();
+            return Some(
+                v.strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v)
+                    .to_string(),
+            );
+        }
+    }
+    None
+}
+
+/// What an inspection found, and the rewritten content if anything was
+/// found (`None`: forward the original bytes unchanged).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inspection {
+    pub findings: Vec<Finding>,
+    /// The masked bytes, encoded like the input (Content-Encoding
+    /// re-applied for bodies); recompute Content-Length from its length.
+    pub masked: Option<Vec<u8>>,
+}
+
+/// How a replacement is written back.
+#[derive(Clone, Copy)]
+enum Escape {
+    None,
+    JsonString,
+    /// The hit is inside a JSON number: the whole number token becomes a
+    /// JSON string.
+    JsonNumber,
+    Percent,
+}
+
+struct Edit {
+    range: Range<usize>,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Collector {
+    findings: Vec<Finding>,
+    edits: Vec<Edit>,
+}
+
+impl Collector {
+    /// Records hits found in `decoded`, a value whose raw bytes start at
+    /// `raw_start` in the inspected input; `map[i]` is the raw offset (from
+    /// `raw_start`) of decoded byte `i`, `None` when decoded == raw.
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        engine: &Engine,
+        hits: &[Hit],
+        decoded: &[u8],
+        map: Option<&[usize]>,
+        raw: &[u8],
+        raw_start: usize,
+        location: &Location,
+        escape: Escape,
+    ) {
+        for h in hits {
+            let to_raw = |i: usize| map.map_or(i, |m| m[i]);
+            let rs = raw_start + to_raw(h.range.start);
+            let re = raw_start + to_raw(h.range.end);
+            let f = engine.finding(h.det, &decoded[h.range.clone()], location.clone(), rs..re);
+            let (range, bytes) = match escape {
+                Escape::None => (rs..re, f.masked.as_bytes().to_vec()),
+                Escape::JsonString => (rs..re, json_escape(&f.masked)),
+                Escape::Percent => (rs..re, percent_encode(&f.masked)),
+                Escape::JsonNumber => {
+                    let (s, e) = (rs - raw_start, re - raw_start);
+                    let mut text = String::from_utf8_lossy(&raw[..s]).into_owned();
+                    text.push_str(&f.masked);
+                    text.push_str(&String::from_utf8_lossy(&raw[e..]));
+                    let mut b = vec![b'"'];
+                    b.extend(json_escape(&text));
+                    b.push(b'"');
+                    (raw_start..raw_start + raw.len(), b)
+                }
+            };
+            self.findings.push(f);
+            self.edits.push(Edit { range, bytes });
+        }
+    }
+
+    fn finish(mut self, input: &[u8]) -> (Vec<Finding>, Option<Vec<u8>>) {
+        if self.edits.is_empty() {
+            return (self.findings, None);
+        }
+        self.edits.sort_by_key(|e| (e.range.start, e.range.end));
+        let mut out = Vec::with_capacity(input.len());
+        let mut at = 0;
+        for e in &self.edits {
+            if e.range.start < at {
+                continue; // overlaps an edit already applied (same number token)
+            }
+            out.extend_from_slice(&input[at..e.range.start]);
+            out.extend_from_slice(&e.bytes);
+            at = e.range.end;
+        }
+        out.extend_from_slice(&input[at..]);
+        self.findings.sort_by_key(|f| (f.range.start, f.range.end));
+        (self.findings, Some(out))
+    }
+}
+
+fn json_escape(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            c if (c as u32) < 0x20 => {
+                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes())
+            }
+            c => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out
+}
+
+fn percent_encode(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'*') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Percent-decodes (and `+` → space if `plus`), with the raw offset of every
+/// decoded byte plus one past the end.
+fn percent_decode(raw: &[u8], plus: bool) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut map = Vec::with_capacity(raw.len() + 1);
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if b == b'%' && i + 2 < raw.len() {
+            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
+                out.push(h * 16 + l);
+                map.push(i);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if plus && b == b'+' { b' ' } else { b });
+        map.push(i);
+        i += 1;
+    }
+    map.push(raw.len());
+    (out, map)
+}
+
+fn needs_percent_decode(raw: &[u8], plus: bool) -> bool {
+    raw.iter().any(|&b| b == b'%' || (plus && b == b'+'))
+}
+
+impl Engine {
+    /// Inspects a request body. `content_type` picks the format,
+    /// `content_encoding` (e.g. `gzip`) is undone for inspection and
+    /// re-applied to the masked bytes. Finding ranges are in the decoded
+    /// body.
+    pub fn inspect_body(
+        &self,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        body: &[u8],
+    ) -> Result<Inspection, DlpError> {
+        let codings = match content_encoding {
+            Some(ce) => Encoding::parse_list(ce)?,
+            None => Vec::new(),
+        };
+        let decoded = encoding::decode_all(&codings, body, self.max_decoded_bytes)?;
+        let mut c = Collector::default();
+        match BodyFormat::from_content_type(content_type) {
+            BodyFormat::Json => {
+                if !self.collect_json(&decoded, &mut c) {
+                    c = Collector::default();
+                    self.collect_text(&decoded, 0, None, &Location::Text, &mut c);
+                }
+            }
+            BodyFormat::Form => self.collect_pairs(&decoded, 0, true, &mut c, Location::FormField),
+            BodyFormat::Multipart { boundary } => {
+                self.collect_multipart(&decoded, &boundary, &mut c)
+            }
+            BodyFormat::Text => self.collect_text(&decoded, 0, None, &Location::Text, &mut c),
+        }
+        let (findings, masked) = c.finish(&decoded);
+        Ok(Inspection {
+            findings,
+            masked: masked.map(|m| encoding::encode_all(&codings, m)),
+        })
+    }
+
+    /// Inspects plain bytes (location [`Location::Text`]).
+    pub fn scan_text(&self, data: &[u8]) -> Inspection {
+        let mut c = Collector::default();
+        self.collect_text(data, 0, None, &Location::Text, &mut c);
+        let (findings, masked) = c.finish(data);
+        Inspection { findings, masked }
+    }
+
+    /// Inspects one header value; a secret-sounding header name
+    /// (`X-Api-Key`) makes the whole value a generic-secret candidate.
+    pub fn inspect_header(&self, name: &str, value: &[u8]) -> Inspection {
+        let lower = name.to_ascii_lowercase();
+        let mut c = Collector::default();
+        self.collect_text(
+            value,
+            0,
+            Some(&lower),
+            &Location::Header(lower.clone()),
+            &mut c,
+        );
+        let (findings, masked) = c.finish(value);
+        Inspection { findings, masked }
+    }
+
+    /// Inspects a request target (`/path?query`, or an absolute URL): the
+    /// path and every query parameter. Ranges are in `target`.
+    pub fn inspect_url(&self, target: &str) -> Inspection {
+        let raw = target.as_bytes();
+        let (path_end, query) = match memchr::memchr(b'?', raw) {
+            Some(q) => (q, Some(q + 1)),
+            None => (raw.len(), None),
+        };
+        let query_end = memchr::memchr(b'#', raw).unwrap_or(raw.len());
+        let path_end = path_end.min(query_end);
+        let mut c = Collector::default();
+        let path = &raw[..path_end];
+        if needs_percent_decode(path, false) {
+            let (dec, map) = percent_decode(path, false);
+            let hits = self.detect(&dec, None);
+            c.add(
+                self,
+                &hits,
+                &dec,
+                Some(&map),
+                path,
+                0,
+                &Location::UrlPath,
+                Escape::Percent,
+            );
+        } else {
+            let hits = self.detect(path, None);
+            c.add(
+                self,
+                &hits,
+                path,
+                None,
+                path,
+                0,
+                &Location::UrlPath,
+                Escape::None,
+            );
+        }
+        if let Some(q) = query {
+            if q < query_end {
+                self.collect_pairs(&raw[q..query_end], q, true, &mut c, Location::QueryParam);
+            }
+        }
+        let (findings, masked) = c.finish(raw);
+        Inspection { findings, masked }
+    }
+
+    fn collect_text(
+        &self,
+        data: &[u8],
+        raw_start: usize,
+        field: Option<&str>,
+        loc: &Location,
+        c: &mut Collector,
+    ) {
+        let hits = self.detect(data, field);
+        c.add(self, &hits, data, None, data, raw_start, loc, Escape::None);
+    }
+
+    /// `a=1&b=2` pairs (form bodies, query strings) starting at `base`.
+    fn collect_pairs(
+        &self,
+        raw: &[u8],
+        base: usize,
+        plus: bool,
+        c: &mut Collector,
+        loc: fn(String) -> Location,
+    ) {
+        let mut start = 0;
+        for piece in raw.split(|&b| b == b'&') {
+            let piece_start = start;
+            start += piece.len() + 1;
+            if piece.is_empty() {
+                continue;
+            }
+            let (name_raw, value_raw, value_off) = match memchr::memchr(b'=', piece) {
+                Some(eq) => (&piece[..eq], &piece[eq + 1..], eq + 1),
+                None => (piece, &piece[piece.len()..], piece.len()),
+            };
+            let name = String::from_utf8_lossy(&percent_decode(name_raw, plus).0).into_owned();
+            let location = loc(name.clone());
+            let vstart = base + piece_start + value_off;
+            if needs_percent_decode(value_raw, plus) {
+                let (dec, map) = percent_decode(value_raw, plus);
+                let hits = self.detect(&dec, Some(&name));
+                c.add(
+                    self,
+                    &hits,
+                    &dec,
+                    Some(&map),
+                    value_raw,
+                    vstart,
+                    &location,
+                    Escape::Percent,
+                );
+            } else {
+                let hits = self.detect(value_raw, Some(&name));
+                c.add(
+                    self,
+                    &hits,
+                    value_raw,
+                    None,
+                    value_raw,
+                    vstart,
+                    &location,
+                    Escape::None,
+                );
+            }
+        }
+    }
+
+    fn collect_multipart(&self, body: &[u8], boundary: &str, c: &mut Collector) {
+        let delim = format!("--{boundary}");
+        let finder = memchr::memmem::Finder::new(delim.as_bytes());
+        let positions: Vec<usize> = finder.find_iter(body).collect();
+        for w in positions.windows(2) {
+            let mut s = w[0] + delim.len();
+            if body[s..].starts_with(b"--") {
+                break;
+            }
+            if body[s..].starts_with(b"\r\n") {
+                s += 2;
+            } else if body[s..].starts_with(b"\n") {
+                s += 1;
+            }
+            // The part ends before the CRLF that precedes the next delimiter.
+            let mut e = w[1];
+            if e >= 2 && &body[e - 2..e] == b"\r\n" {
+                e -= 2;
+            } else if e >= 1 && body[e - 1] == b'\n' {
+                e -= 1;
+            }
+            if e <= s {
+                continue;
+            }
+            let part = &body[s..e];
+            let (head_len, body_off) = match memchr::memmem::find(part, b"\r\n\r\n") {
+                Some(p) => (p, p + 4),
+                None => match memchr::memmem::find(part, b"\n\n") {
+                    Some(p) => (p, p + 2),
+                    None => continue,
+                },
+            };
+            let head = String::from_utf8_lossy(&part[..head_len]);
+            let mut name = None;
+            let mut filename = None;
+            for line in head.lines() {
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.trim().eq_ignore_ascii_case("content-disposition") {
+                        let v = format!("x; {}", v.split_once(';').map_or("", |(_, r)| r));
+                        name = param(&v, "name");
+                        filename = param(&v, "filename");
+                    }
+                }
+            }
+            let loc = Location::Multipart {
+                name: name.clone(),
+                filename,
+            };
+            self.collect_text(&part[body_off..], s + body_off, name.as_deref(), &loc, c);
+        }
+    }
+
+    /// Walks a JSON body: one scan of the whole body, hits attributed to
+    /// the string or number they fall in; strings with escapes and strings
+    /// under secret-sounding keys are also scanned decoded. `false` if the
+    /// body is not JSON.
+    fn collect_json(&self, body: &[u8], c: &mut Collector) -> bool {
+        let Some(leaves) = json_leaves(body) else {
+            return false;
+        };
+        let hits = self.detect(body, None);
+        let mut key_is_secret: HashMap<&[u8], bool> = HashMap::new();
+        let mut hi = 0;
+        for leaf in &leaves {
+            let raw = &body[leaf.range.clone()];
+            // Whole-body hits that fall inside this leaf.
+            while hi < hits.len() && hits[hi].range.start < leaf.range.start {
+                hi += 1;
+            }
+            let mut inside = Vec::new();
+            let mut j = hi;
+            while j < hits.len() && hits[j].range.start < leaf.range.end {
+                if hits[j].range.end <= leaf.range.end {
+                    let h = &hits[j];
+                    inside.push(Hit {
+                        range: h.range.start - leaf.range.start..h.range.end - leaf.range.start,
+                        det: h.det,
+                    });
+                }
+                j += 1;
+            }
+            let location = Location::Json(leaf.path.clone());
+            if !leaf.is_string {
+                c.add(
+                    self,
+                    &inside,
+                    raw,
+                    None,
+                    raw,
+                    leaf.range.start,
+                    &location,
+                    Escape::JsonNumber,
+                );
+                continue;
+            }
+            let secret_key = leaf.key.as_ref().is_some_and(|k| {
+                *key_is_secret
+                    .entry(&body[k.clone()])
+                    .or_insert_with(|| self.field_name.is_match(&body[k.clone()]))
+            });
+            let escaped = memchr::memchr(b'\\', raw).is_some();
+            if !escaped && !secret_key {
+                c.add(
+                    self,
+                    &inside,
+                    raw,
+                    None,
+                    raw,
+                    leaf.range.start,
+                    &location,
+                    Escape::JsonString,
+                );
+                continue;
+            }
+            let (dec, map) = if escaped {
+                json_unescape(raw)
+            } else {
+                (raw.to_vec(), (0..=raw.len()).collect())
+            };
+            let key = leaf
+                .key
+                .as_ref()
+                .map(|k| String::from_utf8_lossy(&body[k.clone()]).into_owned());
+            let mut own = self.detect(&dec, key.as_deref());
+            // Whole-body hits in an escaped string are in raw offsets: move
+            // them to decoded offsets so both sets resolve together.
+            for h in inside {
+                let s = map.partition_point(|&r| r < h.range.start);
+                let e = map.partition_point(|&r| r < h.range.end);
+                own.push(Hit {
+                    range: s..e,
+                    det: h.det,
+                });
+            }
+            let own = self.resolve(own);
+            c.add(
+                self,
+                &own,
+                &dec,
+                Some(&map),
+                raw,
+                leaf.range.start,
+                &location,
+                Escape::JsonString,
+            );
+        }
+        true
+    }
+}
+
+struct Leaf {
+    /// Raw bytes of the value: a string's content between the quotes, or a
+    /// number's token.
+    range: Range<usize>,
+    is_string: bool,
+    path: String,
+    /// The object key this value sits under, raw, if any.
+    key: Option<Range<usize>>,
+}
+
+/// Every string and number of a JSON document with its path. `None` if the
+/// bytes are not one JSON value (with surrounding whitespace).
+fn json_leaves(b: &[u8]) -> Option<Vec<Leaf>> {
+    let mut p = JsonParser {
+        b,
+        i: 0,
+        leaves: Vec::new(),
+        depth: 0,
+    };
+    let mut path = String::from("$");
+    p.ws();
+    p.value(&mut path, None)?;
+    p.ws();
+    (p.i == b.len()).then_some(p.leaves)
+}
+
+struct JsonParser<'a> {
+    b: &'a [u8],
+    i: usize,
+    leaves: Vec<Leaf>,
+    depth: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+
+    /// Consumes a string; returns its content range.
+    fn string(&mut self) -> Option<Range<usize>> {
+        if self.b.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        let start = self.i + 1;
+        let mut j = start;
+        loop {
+            j += memchr::memchr2(b'"', b'\\', &self.b[j..])?;
+            if self.b[j] == b'\\' {
+                j += 2;
+                continue;
+            }
+            self.i = j + 1;
+            return Some(start..j);
+        }
+    }
+
+    fn value(&mut self, path: &mut String, key: Option<Range<usize>>) -> Option<()> {
+        self.depth += 1;
+        if self.depth > 256 {
+            return None;
+        }
+        let c = *self.b.get(self.i)?;
+        match c {
+            b'"' => {
+                let r = self.string()?;
+                self.leaves.push(Leaf {
+                    range: r,
+                    is_string: true,
+                    path: path.clone(),
+                    key,
+                });
+            }
+            b'{' => {
+                self.i += 1;
+                self.ws();
+                if self.b.get(self.i) == Some(&b'}') {
+                    self.i += 1;
+                } else {
+                    loop {
+                        self.ws();
+                        let k = self.string()?;
+                        self.ws();
+                        if self.b.get(self.i) != Some(&b':') {
+                            return None;
+                        }
+                        self.i += 1;
+                        self.ws();
+                        let len = path.len();
+                        push_key(path, &self.b[k.clone()]);
+                        self.value(path, Some(k))?;
+                        path.truncate(len);
+                        self.ws();
+                        match self.b.get(self.i)? {
+                            b',' => self.i += 1,
+                            b'}' => {
+                                self.i += 1;
+                                break;
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+            }
+            b'[' => {
+                self.i += 1;
+                self.ws();
+                if self.b.get(self.i) == Some(&b']') {
+                    self.i += 1;
+                } else {
+                    let mut n = 0usize;
+                    loop {
+                        self.ws();
+                        let len = path.len();
+                        path.push_str(&format!("[{n}]"));
+                        self.value(path, None)?;
+                        path.truncate(len);
+                        n += 1;
+                        self.ws();
+                        match self.b.get(self.i)? {
+                            b',' => self.i += 1,
+                            b']' => {
+                                self.i += 1;
+                                break;
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+            }
+            b't' | b'f' | b'n' => {
+                let lit: &[u8] = match c {
+                    b't' => b"true",
+                    b'f' => b"false",
+                    _ => b"null",
+                };
+                if !self.b[self.i..].starts_with(lit) {
+                    return None;
+                }
+                self.i += lit.len();
+            }
+            b'-' | b'0'..=b'9' => {
+                let s = self.i;
+                while self.i < self.b.len()
+                    && matches!(
+                        self.b[self.i],
+                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
+                    )
+                {
+                    self.i += 1;
+                }
+                self.leaves.push(Leaf {
+                    range: s..self.i,
+                    is_string: false,
+                    path: path.clone(),
+                    key,
+                });
+            }
+            _ => return None,
+        }
+        self.depth -= 1;
+        Some(())
+    }
+}
+
+fn push_key(path: &mut String, raw: &[u8]) {
+    let ident = !raw.is_empty()
+        && raw
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+        && !raw[0].is_ascii_digit();
+    if ident {
+        path.push('.');
+        path.push_str(std::str::from_utf8(raw).unwrap_or_default());
+    } else {
+        let (dec, _) = json_unescape(raw);
+        let name = String::from_utf8_lossy(&dec);
+        path.push_str("[\"");
+        path.push_str(&name.replace('\\', "\\\\").replace('"', "\\\""));
+        path.push_str("\"]");
+    }
+}
+
+/// Decodes JSON string content, with the raw offset of every decoded byte
+/// plus one past the end.
+fn json_unescape(raw: &[u8]) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut map = Vec::with_capacity(raw.len() + 1);
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if b != b'\\' || i + 1 >= raw.len() {
+            out.push(b);
+            map.push(i);
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let simple = match raw[i + 1] {
+            b'"' => Some(b'"'),
+            b'\\' => Some(b'\\'),
+            b'/' => Some(b'/'),
+            b'b' => Some(8),
+            b'f' => Some(12),
+            b'n' => Some(b'\n'),
+            b'r' => Some(b'\r'),
+            b't' => Some(b'\t'),
+            _ => None,
+        };
+        if let Some(c) = simple {
+            out.push(c);
+            map.push(start);
+            i += 2;
+            continue;
+        }
+        let u = |at: usize| -> Option<u32> {
+            let h = raw.get(at..at + 4)?;
+            let s = std::str::from_utf8(h).ok()?;
+            u32::from_str_radix(s, 16).ok()
+        };
+        if raw[i + 1] == b'u' {
+            if let Some(hi) = u(i + 2) {
+                let mut cp = hi;
+                let mut len = 6;
+                if (0xD800..0xDC00).contains(&hi) && raw.get(i + 6..i + 8) == Some(b"\\u") {
+                    if let Some(lo) = u(i + 8).filter(|lo| (0xDC00..0xE000).contains(lo)) {
+                        cp = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
+                        len = 12;
+                    }
+                }
+                let ch = char::from_u32(cp).unwrap_or('\u{FFFD}');
+                let mut buf = [0u8; 4];
+                for &byte in ch.encode_utf8(&mut buf).as_bytes() {
+                    out.push(byte);
+                    map.push(start);
+                }
+                i += len;
+                continue;
+            }
+        }
+        out.push(b);
+        map.push(i);
+        i += 1;
+    }
+    map.push(raw.len());
+    (out, map)
+}
