@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dlp;
+pub mod http;
 pub mod intercept;
 pub mod policy;
 pub mod proc;

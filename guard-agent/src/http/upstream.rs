@@ -15,8 +15,6 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper::{body::Incoming, client::conn, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
@@ -28,7 +26,7 @@ use crate::{
 };
 
 /// The body type the agent sends upstream.
-pub type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type UpBody = super::body::PipeBody;
 
 
 /// Why the upstream could not be reached or spoken to.

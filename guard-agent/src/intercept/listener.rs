@@ -2,7 +2,6 @@
 //! destination, attribution, upstream connect, splice, event.
 
 use std::{
-    io,
     net::{Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -15,13 +14,29 @@ use guard_common::OriginalDst;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::watch,
 };
 
+use globset::GlobSet;
+
 use super::{
     connect::{connect_tcp, describe_connect_error},
-    splice::{splice, ByteCounts},
+    sniff::{peek_classify, ClientHelloInfo, Sniff, MAX_SNIFF_BYTES},
+    splice::{splice, ByteCounts, CountingIo},
+};
+use crate::{
+    http::{
+        inspect::Inspector,
+        pipeline::{self, ConnContext},
+        upstream::{Upstream, UpstreamFailure, UpstreamTarget},
+    },
+    policy::{PolicyStore, Protocol, RequestFacts, Verdict as PolicyVerdict},
+    store::{PolicyRecord, TlsRecord},
+    tls::{
+        leaf::LeafCache,
+        upstream::{describe_io_error, server_name, UpstreamTls},
+    },
 };
 use crate::{
     bpf::OriginalDstTable,
@@ -70,6 +85,20 @@ pub struct Intercept {
     pub counters: Arc<Counters>,
     /// `SO_MARK` for upstream sockets, so the kernel programs skip them.
     pub mark: u32,
+    /// HTTP(S) inspection: TLS, policy, detectors.
+    pub inspect: Arc<InspectSettings>,
+}
+
+/// What the inspecting paths need besides the L4 ones.
+pub struct InspectSettings {
+    pub leaves: Arc<LeafCache>,
+    pub upstream_tls: Arc<UpstreamTls>,
+    pub policy: Arc<PolicyStore>,
+    pub inspector: Arc<Inspector>,
+    /// Terminate TLS (false: splice all TLS, recording the SNI).
+    pub inspect_tls: bool,
+    /// SNI globs that are spliced, never decrypted (pinned certificates, mTLS).
+    pub passthrough: GlobSet,
 }
 
 /// The destination as the application asked for it (IPv4 unmapped).
@@ -176,22 +205,24 @@ async fn handle(
         Err(e) => {
             ev.verdict = Verdict::Error;
             ev.error = Some(describe_connect_error(&e));
-            ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
             reset(client);
         }
         Ok(up) => {
-            let counts = ByteCounts::default();
+            let counts = Arc::new(ByteCounts::default());
+            let facts = base_facts(&ev, dst);
             let outcome = tokio::select! {
-                r = splice(client, up, &counts) => r.err().map(|e| format!("connection ended with an error: {e}")),
+                r = carry(&ctx, client, up, &mut ev, facts, dst, &counts) => r,
                 _ = crate::shutdown::stopped(&mut stop) => Some("agent stopped while the connection was open".to_owned()),
             };
             ev.bytes_out = counts.out.load(Ordering::Relaxed);
             ev.bytes_in = counts.inbound.load(Ordering::Relaxed);
-            if let Some(err) = outcome {
-                ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
-                ev.error = Some(err);
+            if outcome.is_some() && ev.error.is_none() {
+                ev.error = outcome;
             }
         }
+    }
+    if ev.verdict == Verdict::Error || ev.error.is_some() {
+        ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
     }
     ctx.counters.active.fetch_sub(1, Ordering::Relaxed);
     finish(&ctx, ev, started).await;
@@ -202,4 +233,215 @@ async fn finish(ctx: &Intercept, mut ev: Event, started: Instant) {
     ev.closed_at = Some(ev.ts + elapsed);
     ev.duration_ms = Some(elapsed.as_secs_f64() * 1000.0);
     ctx.sink.record(ev).await;
+}
+
+/// Policy facts about the process and destination, shared by every decision
+/// on this connection.
+fn base_facts(ev: &Event, dst: SocketAddr) -> RequestFacts {
+    RequestFacts {
+        exe: ev.exe.clone(),
+        comm: ev.comm.clone(),
+        ancestors: ev.ancestors.iter().map(|a| a.exe.clone()).collect(),
+        user: ev.user.clone(),
+        uid: ev.uid,
+        cgroup: ev.cgroup.clone(),
+        systemd_unit: ev.unit.clone(),
+        dest_ip: Some(dst.ip()),
+        dest_port: Some(dst.port()),
+        ..Default::default()
+    }
+}
+
+/// How long a client may stay silent before its first bytes; the upstream
+/// speaking first ends the wait at once (server-first protocols).
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Carries one connection: finds out what the client speaks, then inspects
+/// (TLS terminated or plaintext HTTP/1) or splices. Returns an error text.
+async fn carry(
+    ctx: &Intercept,
+    client: TcpStream,
+    up: TcpStream,
+    ev: &mut Event,
+    mut facts: RequestFacts,
+    dst: SocketAddr,
+    counts: &Arc<ByteCounts>,
+) -> Option<String> {
+    let sniff = tokio::select! {
+        p = peek_classify(&client, MAX_SNIFF_BYTES, SNIFF_TIMEOUT) => match p {
+            Ok(p) => p.sniff,
+            Err(e) => return Some(format!("reading from the client failed: {e}")),
+        },
+        _ = up.readable() => Sniff::Opaque,
+    };
+    let settings = &ctx.inspect;
+    match sniff {
+        Sniff::Malformed { reason } => {
+            ev.verdict = Verdict::Error;
+            reset(client);
+            Some(format!("malformed TLS ClientHello: {reason}"))
+        }
+        Sniff::Tls(hello) => {
+            let sni = hello.sni.clone();
+            ev.host = sni.clone();
+            let passthrough = !settings.inspect_tls || sni.as_deref().is_some_and(|s| settings.passthrough.is_match(s));
+            if passthrough {
+                ev.tls = Some(TlsRecord {
+                    sni,
+                    passthrough: true,
+                    ..Default::default()
+                });
+                facts.dest_host = ev.host.clone();
+                facts.protocol = Some(Protocol::Tls);
+                return l4_splice(ctx, client, up, ev, &facts, counts).await;
+            }
+            inspect_tls(ctx, client, up, ev, facts, dst, hello, counts).await
+        }
+        Sniff::Http1(_) => {
+            let target = UpstreamTarget {
+                addr: dst,
+                mark: ctx.mark,
+                tls: None,
+                alpn: Vec::new(),
+            };
+            let upstream = Upstream::start(target, up).await.map(Arc::new);
+            let conn = conn_context(ctx, ev, dst, None, "http", upstream, facts);
+            pipeline::serve(CountingIo::new(client, Arc::clone(counts)), conn).await.err()
+        }
+        Sniff::Opaque | Sniff::Http2PriorKnowledge | Sniff::NeedMore => {
+            facts.protocol = Some(Protocol::Tcp);
+            l4_splice(ctx, client, up, ev, &facts, counts).await
+        }
+    }
+}
+
+/// Applies the connection-level policy, then splices.
+async fn l4_splice(
+    ctx: &Intercept,
+    client: TcpStream,
+    up: TcpStream,
+    ev: &mut Event,
+    facts: &RequestFacts,
+    counts: &ByteCounts,
+) -> Option<String> {
+    let decision = ctx.inspect.policy.current().decide(facts);
+    if let PolicyVerdict::Block { reason } = &decision.action {
+        ev.verdict = Verdict::Block;
+        ev.policy = Some(PolicyRecord {
+            rule: decision.rule.to_string(),
+            action: "block".into(),
+            mode: "enforce".into(),
+            would_have: None,
+            reason: Some(reason.to_string()),
+        });
+        reset(client);
+        return None;
+    }
+    splice(client, up, counts)
+        .await
+        .err()
+        .map(|e| format!("connection ended with an error: {e}"))
+}
+
+fn conn_context(
+    ctx: &Intercept,
+    ev: &Event,
+    dst: SocketAddr,
+    sni: Option<String>,
+    scheme: &'static str,
+    upstream: Result<Arc<Upstream>, UpstreamFailure>,
+    facts: RequestFacts,
+) -> Arc<ConnContext> {
+    let mut template = ev.clone();
+    template.bytes_in = 0;
+    template.bytes_out = 0;
+    Arc::new(ConnContext {
+        template,
+        dst,
+        sni,
+        scheme,
+        upstream,
+        policy: ctx.inspect.policy.current(),
+        inspector: Arc::clone(&ctx.inspect.inspector),
+        sink: ctx.sink.clone(),
+        facts,
+    })
+}
+
+/// Terminates the client's TLS with a leaf for its SNI (after the upstream
+/// handshake, so both sides agree on ALPN) and serves HTTP on it.
+#[allow(clippy::too_many_arguments)]
+async fn inspect_tls(
+    ctx: &Intercept,
+    client: TcpStream,
+    up: TcpStream,
+    ev: &mut Event,
+    facts: RequestFacts,
+    dst: SocketAddr,
+    hello: ClientHelloInfo,
+    counts: &Arc<ByteCounts>,
+) -> Option<String> {
+    let settings = &ctx.inspect;
+    let offered: Vec<String> = hello
+        .alpn
+        .iter()
+        .filter(|p| *p == "h2" || *p == "http/1.1")
+        .cloned()
+        .collect();
+    let upstream = match server_name(hello.sni.as_deref(), dst.ip()) {
+        Ok(name) => {
+            let target = UpstreamTarget {
+                addr: dst,
+                mark: ctx.mark,
+                tls: Some((Arc::clone(&settings.upstream_tls), name)),
+                alpn: offered.clone(),
+            };
+            Upstream::start(target, up).await.map(Arc::new)
+        }
+        Err(e) => Err(UpstreamFailure {
+            reason: e.to_string(),
+            tls: true,
+        }),
+    };
+    // Offer the client what the upstream chose; HTTP/1.1 when it chose none.
+    let client_alpn: Vec<String> = match upstream.as_ref().ok().and_then(|u| u.alpn.clone()) {
+        Some(p) => vec![p],
+        None => offered.into_iter().filter(|p| p == "http/1.1").collect(),
+    };
+    let config = match settings.leaves.server_config(&client_alpn, Some(dst.ip())) {
+        Ok(c) => c,
+        Err(e) => {
+            reset(client);
+            return Some(format!("cannot mint a certificate: {e}"));
+        }
+    };
+    let tls = match tokio_rustls::TlsAcceptor::from(config)
+        .accept(CountingIo::new(client, Arc::clone(counts)))
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            ev.verdict = Verdict::Error;
+            return Some(format!(
+                "the client rejected the TLS handshake: {} (does it trust the Guard CA? `guard-agent ca export`)",
+                describe_io_error(&e)
+            ));
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let record = TlsRecord {
+        sni: hello.sni.clone(),
+        alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+        version: session.protocol_version().map(|v| format!("{v:?}")),
+        upstream_alpn: upstream.as_ref().ok().and_then(|u| u.alpn.clone()),
+        upstream_version: upstream.as_ref().ok().and_then(|u| u.tls_version.clone()),
+        passthrough: false,
+    };
+    ev.tls = Some(record);
+    if let Err(f) = &upstream {
+        ev.verdict = Verdict::Error;
+        ev.error = Some(f.reason.clone());
+    }
+    let conn = conn_context(ctx, ev, dst, hello.sni, "https", upstream, facts);
+    pipeline::serve(tls, conn).await.err()
 }

@@ -1,0 +1,166 @@
+//! The inspection step of the pipeline: runs the DLP engine over a request's
+//! URL, headers and body, says where each finding is and whether it goes to
+//! its own service, and produces the masked forms of each part.
+//!
+//! Also masks what goes into events (excerpts, header values): the store
+//! must never receive what masking would remove.
+
+use std::sync::Arc;
+
+use http::{request::Parts, HeaderName, HeaderValue};
+
+use crate::{
+    dlp::{Engine, Finding, Location, MaskKey},
+    store::FindingRecord,
+};
+
+/// Bodies up to this size are inspected whole.
+pub const MAX_INSPECT_BYTES: usize = 8 << 20;
+/// Size of the body excerpts kept in events.
+pub const EXCERPT_BYTES: usize = 4096;
+
+/// The DLP engine and the host key for fingerprints and tokens.
+pub struct Inspector {
+    pub engine: Engine,
+    pub key: MaskKey,
+}
+
+/// One finding with where it is and whether it goes home.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub finding: Finding,
+    pub part: Part,
+    pub goes_home: bool,
+}
+
+/// Which part of the request a finding is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Url,
+    Header(HeaderName),
+    Body,
+}
+
+/// What inspecting a request found, and its masked parts.
+#[derive(Debug, Default)]
+pub struct RequestInspection {
+    pub findings: Vec<Located>,
+    /// The masked request target (`/path?query`), if anything was found there.
+    pub url: Option<String>,
+    /// Masked header values.
+    pub headers: Vec<(HeaderName, Vec<u8>)>,
+    /// The masked body (same Content-Encoding), if anything was found.
+    pub body: Option<Vec<u8>>,
+    /// Why the body could not be inspected (unsupported encoding, too large).
+    pub body_error: Option<String>,
+}
+
+fn location_text(part: &Part, loc: &Location) -> String {
+    match loc {
+        Location::UrlPath => "url path".into(),
+        Location::QueryParam(n) => format!("query {n}"),
+        Location::Header(n) => format!("header {n}"),
+        Location::Json(p) => format!("body {p}"),
+        Location::FormField(n) => format!("form {n}"),
+        Location::Multipart { name, filename } => format!(
+            "multipart {}{}",
+            name.as_deref().unwrap_or("?"),
+            filename.as_deref().map(|f| format!(" ({f})")).unwrap_or_default()
+        ),
+        Location::Text => match part {
+            Part::Url => "url".into(),
+            Part::Header(h) => format!("header {h}"),
+            Part::Body => "body".into(),
+        },
+    }
+}
+
+impl Located {
+    pub fn record(&self, applied: bool) -> FindingRecord {
+        FindingRecord {
+            detector: self.finding.detector.to_string(),
+            location: location_text(&self.part, &self.finding.location),
+            masked: self.finding.masked.clone(),
+            fingerprint: self.finding.fingerprint.clone(),
+            goes_home: self.goes_home,
+            applied,
+        }
+    }
+}
+
+impl Inspector {
+    pub fn new(engine: Engine, key: MaskKey) -> Arc<Self> {
+        Arc::new(Self { engine, key })
+    }
+
+    /// Inspects a request: target, every header, and the (buffered) body.
+    pub fn inspect_request(&self, parts: &Parts, body: &[u8], host: &str) -> RequestInspection {
+        let mut out = RequestInspection::default();
+        let add = |part: Part, findings: Vec<Finding>, out: &mut RequestInspection| {
+            for f in findings {
+                let goes_home = self.engine.goes_home(&f.detector, host);
+                out.findings.push(Located {
+                    finding: f,
+                    part: part.clone(),
+                    goes_home,
+                });
+            }
+        };
+        if let Some(pq) = parts.uri.path_and_query() {
+            let i = self.engine.inspect_url(pq.as_str());
+            out.url = i.masked.map(|m| String::from_utf8_lossy(&m).into_owned());
+            add(Part::Url, i.findings, &mut out);
+        }
+        for (name, value) in parts.headers.iter() {
+            let i = self.engine.inspect_header(name.as_str(), value.as_bytes());
+            if let Some(m) = i.masked {
+                out.headers.push((name.clone(), m));
+            }
+            add(Part::Header(name.clone()), i.findings, &mut out);
+        }
+        if !body.is_empty() {
+            let ct = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let ce = parts
+                .headers
+                .get(http::header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok());
+            match self.engine.inspect_body(ct, ce, body) {
+                Ok(i) => {
+                    out.body = i.masked;
+                    add(Part::Body, i.findings, &mut out);
+                }
+                Err(e) => out.body_error = Some(e.to_string()),
+            }
+        }
+        out
+    }
+
+    /// Masks every finding in `data` (for excerpts and header values in
+    /// events, whatever the policy said about forwarding).
+    pub fn mask_for_record(&self, data: &[u8]) -> Option<Vec<u8>> {
+        self.engine.scan_text(data).masked
+    }
+
+    /// A body excerpt for an event: the first [`EXCERPT_BYTES`], masked. The
+    /// window scanned is larger than the excerpt so that a value cut by the
+    /// excerpt's end is still recognised and masked whole.
+    pub fn excerpt(&self, data: &[u8]) -> Option<String> {
+        if data.is_empty() {
+            return None;
+        }
+        let window = &data[..data.len().min(EXCERPT_BYTES + 512)];
+        let masked = self.mask_for_record(window);
+        let text = masked.as_deref().unwrap_or(window);
+        let cut = text.len().min(EXCERPT_BYTES);
+        Some(String::from_utf8_lossy(&text[..cut]).into_owned())
+    }
+
+    /// Applies masked header values to a header map.
+    pub fn apply_headers(&self, headers: &mut http::HeaderMap, masked: &[(HeaderName, Vec<u8>)]) {
+        for (name, value) in masked {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                headers.insert(name.clone(), v);
+            }
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The per-request pipeline, one named step after another:
+//! read → inspect (DLP) → decide (policy) → act (allow, mask, block) →
+//! forward → record. Serves one client connection with hyper (HTTP/1.1 or
+//! HTTP/2, whichever the connection speaks).
+//!
+//! Invariants: a request leaves only after the decision; a blocked request
+//! never leaves; every request ends in exactly one event, and what the event
+//! holds went through masking first (header credentials fingerprinted,
+//! excerpts masked, findings carry masks only).
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{
+    body::{buffer_up_to, chain, full, Buffered, PipeBody, RecordingBody},
+    headers::{record_headers, strip_hop_by_hop},
+    inspect::{Inspector, RequestInspection, EXCERPT_BYTES, MAX_INSPECT_BYTES},
+    upstream::{Upstream, UpstreamFailure},
+};
+use crate::{
+    policy::{
+        CompiledPolicy, Decision, FindingFact, Mode, Protocol, RequestFacts, Verdict as PolicyVerdict,
+        APPROVAL_NOT_CONFIGURED,
+    },
+    store::{Event, EventKind, EventSink, HttpRecord, PolicyRecord, Verdict},
+};
+
+/// What every request on one client connection shares.
+pub struct ConnContext {
+    /// Attribution and destination, copied into every request's event.
+    pub template: Event,
+    pub dst: SocketAddr,
+    /// SNI the client sent (TLS only).
+    pub sni: Option<String>,
+    pub scheme: &'static str,
+    /// The upstream, or why it could not be reached (every request then
+    /// gets a 502 naming the problem).
+    pub upstream: Result<Arc<Upstream>, UpstreamFailure>,
+    pub policy: Arc<CompiledPolicy>,
+    pub inspector: Arc<Inspector>,
+    pub sink: EventSink,
+    /// Policy facts about the process (filled once per connection).
+    pub facts: RequestFacts,
+}
+
+/// Serves HTTP on a client connection until it closes.
+pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>) -> Result<(), String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+    });
+    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn host_of(req: &Request<Incoming>, ctx: &ConnContext) -> String {
+    let from_uri = req.uri().host().map(str::to_owned);
+    let from_header = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(a, _)| a).unwrap_or(h).to_owned());
+    from_uri
+        .or(from_header)
+        .or_else(|| ctx.sni.clone())
+        .unwrap_or_else(|| ctx.dst.ip().to_string())
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<PipeBody> {
+    let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .header("x-guard", "1")
+        .body(full(bytes))
+        .expect("valid response")
+}
+
+fn verdict_name(v: &PolicyVerdict) -> &'static str {
+    match v {
+        PolicyVerdict::Allow => "allow",
+        PolicyVerdict::Block { .. } => "block",
+        PolicyVerdict::Mask(_) => "mask",
+        PolicyVerdict::RequireApproval { .. } => "require_approval",
+        PolicyVerdict::AuditOnly => "audit_only",
+    }
+}
+
+fn policy_record(d: &Decision) -> PolicyRecord {
+    PolicyRecord {
+        rule: d.rule.to_string(),
+        action: verdict_name(&d.action).to_owned(),
+        mode: match d.mode {
+            Mode::Enforce => "enforce".into(),
+            Mode::Monitor => "monitor".into(),
+        },
+        would_have: d.would_have.as_ref().map(|v| verdict_name(v).to_owned()),
+        reason: (!d.reason.is_empty()).then(|| d.reason.to_string()),
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeBody> {
+    let started = Instant::now();
+    let mut ev = ctx.template.clone();
+    ev.kind = EventKind::Http;
+    ev.ts = OffsetDateTime::now_utc();
+    ev.id = ctx.sink.reserve_id();
+    let host = host_of(&req, &ctx);
+    ev.host = Some(host.clone());
+    let is_upgrade = req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT;
+    let mut rec = HttpRecord {
+        method: req.method().to_string(),
+        scheme: ctx.scheme.to_owned(),
+        host: host.clone(),
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().map(str::to_owned),
+        version: version_str(req.version()).to_owned(),
+        ..Default::default()
+    };
+
+    // 1. Read the body (up to the inspection limit).
+    let (mut parts, body) = req.into_parts();
+    let (body_bytes, rest) = match buffer_up_to(body, MAX_INSPECT_BYTES).await {
+        Ok(Buffered::Complete(b)) => (b, None),
+        Ok(Buffered::Partial { head, rest }) => (head, Some(rest)),
+        Err(e) => {
+            ev.verdict = Verdict::Error;
+            ev.error = Some(format!("reading the request body failed: {e}"));
+            finish(&ctx, ev, rec, started);
+            return json_response(StatusCode::BAD_REQUEST, json!({"error": "bad request body"}));
+        }
+    };
+
+    // 2. Inspect.
+    let inspection = ctx.inspector.inspect_request(&parts, &body_bytes, &host);
+    if rest.is_some() {
+        ev.error = Some(format!(
+            "request body larger than {} MiB: only its start was inspected",
+            MAX_INSPECT_BYTES >> 20
+        ));
+    }
+    if let Some(e) = &inspection.body_error {
+        ev.error = Some(format!("body not inspected: {e}"));
+    }
+
+    // 3. Decide.
+    let mut facts = ctx.facts.clone();
+    facts.dest_host = Some(host.clone());
+    facts.method = Some(parts.method.to_string());
+    facts.path = Some(parts.uri.path().to_owned());
+    facts.protocol = Some(if ctx.scheme == "https" { Protocol::Https } else { Protocol::Http });
+    facts.findings = inspection
+        .findings
+        .iter()
+        .map(|l| FindingFact::new(&l.finding.detector, l.goes_home))
+        .collect();
+    let decision = ctx.policy.decide(&facts);
+    ev.policy = Some(policy_record(&decision));
+
+    // Record the request as it is known now (masked for the record).
+    let key = &ctx.inspector.key;
+    rec.request_headers = record_headers(&parts.headers, key, |_, v| ctx.inspector.mask_for_record(v));
+    rec.request_bytes = body_bytes.len() as u64;
+    if let Some(masked_url) = &inspection.url {
+        let (p, q) = masked_url.split_once('?').map(|(p, q)| (p, Some(q))).unwrap_or((masked_url, None));
+        rec.path = p.to_owned();
+        rec.query = q.map(str::to_owned);
+    }
+
+    // 4. Act.
+    let (block_reason, mask) = match &decision.action {
+        PolicyVerdict::Block { reason } => (Some(reason.to_string()), None),
+        PolicyVerdict::RequireApproval { .. } => (Some(APPROVAL_NOT_CONFIGURED.to_owned()), None),
+        PolicyVerdict::Mask(scope) => (None, Some(scope.clone())),
+        PolicyVerdict::Allow | PolicyVerdict::AuditOnly => (None, None),
+    };
+    let masking = mask.as_ref().is_some_and(|scope| {
+        inspection
+            .findings
+            .iter()
+            .any(|l| scope.applies_to(&l.finding.detector, l.goes_home))
+    });
+    ev.findings = inspection.findings.iter().map(|l| l.record(masking)).collect();
+    let excerpt_src = if masking { inspection.body.as_deref() } else { None };
+    rec.request_excerpt = ctx.inspector.excerpt(excerpt_src.unwrap_or(&body_bytes));
+
+    if let Some(reason) = block_reason {
+        ev.verdict = Verdict::Block;
+        let names: Vec<&str> = ev.findings.iter().map(|f| f.detector.as_str()).collect();
+        let body = json!({
+            "error": "blocked by Guard",
+            "reason": reason,
+            "rule": decision.rule.as_ref(),
+            "findings": names,
+            "event_id": ev.id,
+            "exception": format!(
+                "ask an administrator: `guard-agent events --json` shows event {} and the rule that blocked it",
+                ev.id
+            ),
+        });
+        rec.status = Some(403);
+        finish(&ctx, ev, rec, started);
+        return json_response(StatusCode::FORBIDDEN, body);
+    }
+    if masking {
+        ev.verdict = Verdict::Mask;
+    }
+
+    // 5. Forward.
+    let upstream = match &ctx.upstream {
+        Ok(u) => Arc::clone(u),
+        Err(fail) => {
+            ev.verdict = Verdict::Error;
+            ev.error = Some(fail.reason.clone());
+            rec.status = Some(502);
+            let body = json!({
+                "error": if fail.tls { "upstream TLS failed" } else { "upstream unreachable" },
+                "problem": fail.reason,
+                "event_id": ev.id,
+            });
+            finish(&ctx, ev, rec, started);
+            return json_response(StatusCode::BAD_GATEWAY, body);
+        }
+    };
+    let out_body = match (masking, rest) {
+        (true, rest) => {
+            apply_masks(&ctx.inspector, &mut parts, &inspection);
+            let b = inspection.body.clone().map(Bytes::from).unwrap_or(body_bytes);
+            match rest {
+                Some(rest) => chain(b, rest),
+                None => {
+                    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                    full(b)
+                }
+            }
+        }
+        (false, Some(rest)) => chain(body_bytes, rest),
+        (false, None) => full(body_bytes),
+    };
+    let client_upgrade = if is_upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let mut up_req = Request::from_parts(parts, out_body);
+    prepare_upstream_request(&mut up_req, &host, ctx.scheme, upstream.is_http1().await, is_upgrade);
+
+    let resp = match upstream.send(up_req).await {
+        Ok(r) => r,
+        Err(fail) => {
+            ev.verdict = Verdict::Error;
+            ev.error = Some(fail.reason.clone());
+            rec.status = Some(502);
+            let body = json!({"error": "upstream failed", "problem": fail.reason, "event_id": ev.id});
+            finish(&ctx, ev, rec, started);
+            return json_response(StatusCode::BAD_GATEWAY, body);
+        }
+    };
+    let mut resp = resp;
+    rec.ttfb_ms = Some(ms(started));
+    rec.status = Some(resp.status().as_u16());
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = client_upgrade {
+            rec.upgrade = resp
+                .headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.to_ascii_lowercase());
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                }
+            });
+        }
+    }
+    rec.response_headers = record_headers(resp.headers(), key, |_, v| ctx.inspector.mask_for_record(v));
+
+    // 6. Respond, recording when the response body ends.
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers, rparts.status == StatusCode::SWITCHING_PROTOCOLS);
+    let ctx2 = Arc::clone(&ctx);
+    let body = RecordingBody::new(
+        rbody,
+        EXCERPT_BYTES + 512,
+        Box::new(move |bytes, head, error| {
+            rec.response_bytes = bytes;
+            rec.total_ms = Some(ms(started));
+            rec.response_excerpt = ctx2.inspector.excerpt(&head);
+            if error.is_some() && ev.error.is_none() {
+                ev.error = error;
+            }
+            ev.http = Some(rec);
+            ev.closed_at = Some(OffsetDateTime::now_utc());
+            ev.duration_ms = Some(ms(started));
+            let sink = ctx2.sink.clone();
+            tokio::spawn(async move { sink.record(ev).await });
+        }),
+    );
+    Response::from_parts(rparts, body.boxed_unsync())
+}
+
+/// Writes masked URL and header values into the request.
+fn apply_masks(inspector: &Inspector, parts: &mut http::request::Parts, i: &RequestInspection) {
+    if let Some(url) = &i.url {
+        if let Ok(pq) = url.parse::<http::uri::PathAndQuery>() {
+            let mut up = parts.uri.clone().into_parts();
+            up.path_and_query = Some(pq);
+            if let Ok(u) = Uri::from_parts(up) {
+                parts.uri = u;
+            }
+        }
+    }
+    inspector.apply_headers(&mut parts.headers, &i.headers);
+}
+
+/// Turns the client's request into one for the upstream connection.
+fn prepare_upstream_request(req: &mut Request<PipeBody>, host: &str, scheme: &str, http1: bool, upgrade: bool) {
+    strip_hop_by_hop(req.headers_mut(), upgrade && http1);
+    let pq = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    if http1 {
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(a) = req.uri().authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+        }
+        if let Ok(u) = pq.parse() {
+            *req.uri_mut() = u;
+        }
+    } else {
+        *req.version_mut() = Version::HTTP_2;
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .unwrap_or_else(|| host.to_owned());
+        req.headers_mut().remove(header::HOST);
+        if let Ok(u) = format!("{scheme}://{authority}{pq}").parse() {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
+/// Records an exchange that ended without an upstream response body.
+fn finish(ctx: &ConnContext, mut ev: Event, rec: HttpRecord, started: Instant) {
+    let mut rec = rec;
+    rec.total_ms = Some(ms(started));
+    ev.http = Some(rec);
+    ev.closed_at = Some(OffsetDateTime::now_utc());
+    ev.duration_ms = Some(ms(started));
+    let sink = ctx.sink.clone();
+    tokio::spawn(async move { sink.record(ev).await });
+}
