@@ -641,3 +641,4 @@ pub fn goes_home(detector: &str, host: &str) -> bool {
         .get(detector)
         .is_some_and(|g| g.is_match(normalize_host(host)))
 }
+
