@@ -338,8 +338,8 @@ pub const AUTHORIZATION_HEADER: Detector = Detector {
     validator: Validator::AuthValue,
     ..secret(
         "authorization-header",
-        r#"(?i)(?:(?:proxy-)?authorization["']?\s*[:=]\s*["']?)?(?:basic|bearer|token|digest)\s+([A-Za-z0-9._~+/-]{8,4096}=*)"#,
-        anchor(&["basic", "bearer", "token", "digest"], 40, 4200),
+        r#"(?i)\b(?:basic|bearer|token|digest)\s+([A-Za-z0-9._~+/-]{8,4096}=*)"#,
+        anchor(&["basic", "bearer", "token", "digest"], 0, 4200),
     )
 };
 

@@ -58,7 +58,7 @@ impl Encoding {
             Encoding::Gzip => bounded(flate2::read::MultiGzDecoder::new(data), limit).map_err(err),
             Encoding::Deflate => match bounded(flate2::read::ZlibDecoder::new(data), limit) {
                 Ok(v) => Ok(v),
-                Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => Err(err(e)),
+                Err(e) if is_oversize(&e) => Err(err(e)),
                 Err(_) => bounded(flate2::read::DeflateDecoder::new(data), limit).map_err(err),
             },
             Encoding::Brotli => bounded(brotli::Decompressor::new(data, 8192), limit).map_err(err),
@@ -68,11 +68,7 @@ impl Encoding {
             }
         }
         .map_err(|e| match e {
-            DlpError::Decode { source, .. }
-                if source.kind() == std::io::ErrorKind::FileTooLarge =>
-            {
-                DlpError::TooLarge { limit }
-            }
+            DlpError::Decode { source, .. } if is_oversize(&source) => DlpError::TooLarge { limit },
             other => other,
         })
     }
@@ -108,14 +104,27 @@ impl Encoding {
     }
 }
 
+/// Marks the "more than the limit" error among other I/O errors.
+#[derive(Debug)]
+struct Oversize;
+
+impl std::fmt::Display for Oversize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("decoded body too large")
+    }
+}
+
+impl std::error::Error for Oversize {}
+
+fn is_oversize(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<Oversize>())
+}
+
 fn bounded(r: impl Read, limit: usize) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     r.take(limit as u64 + 1).read_to_end(&mut out)?;
     if out.len() > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::FileTooLarge,
-            "decoded body too large",
-        ));
+        return Err(std::io::Error::other(Oversize));
     }
     Ok(out)
 }

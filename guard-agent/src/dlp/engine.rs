@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind as AcMatchKind};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
-use regex_automata::meta::{self, Regex};
+use regex_automata::meta::Regex;
 use regex_automata::{util::syntax, Anchored, Input, Match};
 
 use crate::dlp::detectors::{Detector, BUILTIN, SECRET_FIELD_NAME, SECRET_PLACEHOLDERS};
@@ -30,11 +30,12 @@ use crate::dlp::{DlpError, Finding, Location};
 /// How far before a custom detector's match one of its keywords may be.
 const KEYWORD_WINDOW: usize = 128;
 
-pub(crate) fn build_regex(patterns: &[&str]) -> Result<Regex, meta::BuildError> {
+pub(crate) fn build_regex(patterns: &[&str]) -> Result<Regex, String> {
     Regex::builder()
         .syntax(syntax::Config::new().unicode(false).utf8(false))
         .configure(Regex::config().utf8_empty(false))
         .build_many(patterns)
+        .map_err(|e| e.to_string())
 }
 
 /// One detector, compiled.
@@ -207,7 +208,7 @@ impl Engine {
             settings
                 .enabled
                 .as_ref()
-                .is_none_or(|en| en.iter().any(|n| n == d.name))
+                .map_or(true, |en| en.iter().any(|n| n == d.name))
                 && !settings.disabled.iter().any(|n| n == d.name)
         };
 
