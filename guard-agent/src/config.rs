@@ -34,6 +34,10 @@ pub struct ConfigFile {
     pub mark: Option<u32>,
     pub admin_group: Option<String>,
     pub retention: Option<RetentionFile>,
+    pub policy_dir: Option<PathBuf>,
+    pub upstream_roots: Option<Vec<PathBuf>>,
+    pub tls_passthrough: Option<Vec<String>>,
+    pub inspect_tls: Option<bool>,
 }
 
 /// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
@@ -54,6 +58,10 @@ pub struct ConfigFlags {
     pub uids: Vec<u32>,
     pub intercept: Vec<String>,
     pub exclude: Vec<String>,
+    pub policy_dir: Option<PathBuf>,
+    pub upstream_roots: Vec<PathBuf>,
+    pub tls_passthrough: Vec<String>,
+    pub no_inspect_tls: bool,
 }
 
 /// How long and how much the event store keeps.
@@ -89,6 +97,14 @@ pub struct AgentConfig {
     pub mark: u32,
     pub admin_group: String,
     pub retention: Retention,
+    /// Directory of policy files; None: the built-in default policy.
+    pub policy_dir: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for upstream TLS.
+    pub upstream_roots: Vec<PathBuf>,
+    /// SNI globs spliced without decryption.
+    pub tls_passthrough: Vec<String>,
+    /// Terminate TLS to inspect HTTPS (default true).
+    pub inspect_tls: bool,
 }
 
 /// A configuration problem, with where it is.
@@ -287,7 +303,30 @@ impl AgentConfig {
             }
         }
 
+        let tls_passthrough = if flags.tls_passthrough.is_empty() {
+            file.tls_passthrough.unwrap_or_default()
+        } else {
+            flags.tls_passthrough
+        };
+        for (i, g) in tls_passthrough.iter().enumerate() {
+            globset::Glob::new(g).map_err(|e| {
+                field_err(
+                    &origin,
+                    &format!("tls_passthrough[{i}]"),
+                    format!("`{g}` is not a valid glob: {e}"),
+                )
+            })?;
+        }
+        let upstream_roots = if flags.upstream_roots.is_empty() {
+            file.upstream_roots.unwrap_or_default()
+        } else {
+            flags.upstream_roots
+        };
         Ok(Self {
+            policy_dir: flags.policy_dir.or(file.policy_dir),
+            upstream_roots,
+            tls_passthrough,
+            inspect_tls: !flags.no_inspect_tls && file.inspect_tls.unwrap_or(true),
             state_dir: flags
                 .state_dir
                 .or(file.state_dir)

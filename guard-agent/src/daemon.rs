@@ -16,6 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::{io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+
+use globset::{Glob, GlobSetBuilder};
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 
 use crate::{
@@ -23,9 +26,18 @@ use crate::{
     bpf::KernelPrograms,
     cgroup,
     config::AgentConfig,
-    intercept::listener::{self, Counters, Intercept},
+    dlp::{DlpSettings, Engine, MaskKey},
+    http::inspect::Inspector,
+    intercept::listener::{self, Counters, InspectSettings, Intercept},
+    policy::{load_sources, PolicyError, PolicyStore},
     proc::ProcCache,
     store::{self, EventStore},
+    tls::{
+        ca::LocalCa,
+        leaf::{LeafCache, DEFAULT_CACHE_SIZE},
+        trust_store::{write_ca_bundle, SystemRoots},
+        upstream::{RootSources, UpstreamTls},
+    },
 };
 
 /// How long open connections may run on after SIGTERM.
@@ -60,6 +72,139 @@ pub enum StartError {
     Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("TLS interception: {0}")]
+    Tls(String),
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("detectors: {0}")]
+    Dlp(#[from] crate::dlp::DlpError),
+}
+
+/// The policy used when no policy directory is configured.
+const BUILT_IN_POLICY: &str = include_str!("../../policies/default.ron");
+
+/// The host key for masking tokens and fingerprints: 32 random bytes in the
+/// state directory, mode 0600, created on first start.
+fn mask_key(state_dir: &Path) -> Result<MaskKey, StartError> {
+    let path = state_dir.join("mask.key");
+    let err = |source| StartError::StateDir {
+        path: path.clone(),
+        source,
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(b) if b.len() == 32 => b,
+        Ok(_) => {
+            return Err(err(std::io::Error::other(
+                "mask.key must hold exactly 32 bytes",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            f.write_all(&key).map_err(err)?;
+            key.to_vec()
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&bytes);
+    Ok(MaskKey::new(key))
+}
+
+/// The policy's detector settings as the DLP engine takes them.
+fn dlp_settings(d: &crate::policy::schema::DetectorSettings) -> DlpSettings {
+    use crate::dlp::MaskStyle as D;
+    use crate::policy::MaskStyle as P;
+    let mut s = DlpSettings {
+        disabled: d.disabled.clone(),
+        ..Default::default()
+    };
+    for (name, style) in &d.mask {
+        let style = match style {
+            P::Redact => D::Redact,
+            P::Last4 => D::KeepLast4,
+            P::Token => D::Token,
+        };
+        s.mask.insert(name.clone(), style);
+    }
+    for entry in &d.allowlist {
+        let targets = if entry.detectors.is_empty() {
+            vec!["*".to_owned()]
+        } else {
+            entry.detectors.clone()
+        };
+        for t in targets {
+            s.allowlist_regex
+                .entry(t)
+                .or_default()
+                .push(entry.regex.clone());
+        }
+    }
+    s
+}
+
+/// Everything the inspecting paths need: CA, leaves, upstream trust,
+/// policy, detectors.
+fn inspection(
+    cfg: &AgentConfig,
+    state_dir: &Path,
+) -> Result<(InspectSettings, Option<PathBuf>), StartError> {
+    let ca = Arc::new(
+        LocalCa::load_or_create(&state_dir.join("ca"))
+            .map_err(|e| StartError::Tls(e.to_string()))?,
+    );
+    let leaves = Arc::new(LeafCache::new(Arc::clone(&ca), DEFAULT_CACHE_SIZE));
+    let upstream_tls = UpstreamTls::from_sources(&RootSources {
+        system: true,
+        extra_pem_files: cfg.upstream_roots.clone(),
+        exclude: vec![ca.cert_der().clone()],
+    })
+    .map_err(|e| StartError::Tls(e.to_string()))?;
+    let policy = match &cfg.policy_dir {
+        Some(dir) => PolicyStore::open(dir)?,
+        None => PolicyStore::new(load_sources(&[(
+            "policies/default.ron (built in)",
+            BUILT_IN_POLICY,
+        )])?),
+    };
+    let key = mask_key(state_dir)?;
+    let engine = Engine::compile(&dlp_settings(policy.current().detectors()), key.clone())?;
+    let mut globs = GlobSetBuilder::new();
+    for g in &cfg.tls_passthrough {
+        globs.add(Glob::new(g).map_err(|e| StartError::Tls(e.to_string()))?);
+    }
+    // A bundle of the system roots plus the Guard CA, for `exec` children.
+    let public = state_dir.join("public");
+    let bundle_path = public.join("ca-bundle.pem");
+    let bundle = std::fs::create_dir_all(&public)
+        .and_then(|_| std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            write_ca_bundle(&ca, &SystemRoots::Auto, &bundle_path).map_err(|e| e.to_string())
+        });
+    let bundle = match bundle {
+        Ok(_) => Some(bundle_path),
+        Err(e) => {
+            tracing::warn!("no CA bundle for exec children: {e}");
+            None
+        }
+    };
+    Ok((
+        InspectSettings {
+            leaves,
+            upstream_tls: Arc::new(upstream_tls),
+            policy: Arc::new(policy),
+            inspector: Inspector::new(engine, key),
+            inspect_tls: cfg.inspect_tls,
+            passthrough: globs.build().map_err(|e| StartError::Tls(e.to_string()))?,
+        },
+        bundle,
+    ))
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -77,6 +222,18 @@ fn admin_gid(name: &str) -> Option<u32> {
         .ok()
         .flatten()
         .map(|g| g.gid.as_raw())
+}
+
+/// Reloads the policy directory; a bad file keeps the last good policy.
+fn reload_policy(cfg: &AgentConfig, store: &PolicyStore) {
+    let Some(dir) = &cfg.policy_dir else {
+        tracing::info!("SIGHUP: no policy directory configured; the built-in policy stays");
+        return;
+    };
+    match store.reload(dir) {
+        Ok(v) => tracing::info!(version = v, "SIGHUP: policy reloaded"),
+        Err(e) => tracing::error!("SIGHUP: policy not reloaded, the last good one stays: {e}"),
+    }
 }
 
 /// Runs the agent until a termination signal.
@@ -126,6 +283,8 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         None => None,
     };
 
+    let (inspect, ca_bundle) = inspection(&cfg, &state_dir)?;
+    let inspect = Arc::new(inspect);
     let store = EventStore::open(&AgentConfig::store_dir(&state_dir))?;
     let writer = store::start_writer(store.clone(), cfg.retention);
 
@@ -147,6 +306,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         sink: writer.sink.clone(),
         counters: Arc::clone(&counters),
         mark: cfg.mark,
+        inspect: Arc::clone(&inspect),
     });
     let mut tasks = Vec::new();
     for l in [v4, v6].into_iter().flatten() {
@@ -169,6 +329,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         started: Instant::now(),
         admin_gid: gid,
         exec_seq: AtomicU64::new(0),
+        ca_bundle,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let reaper_parent = exec_parent.clone();
@@ -186,9 +347,13 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("signal handler");
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("signal handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => reload_policy(&cfg, &inspect.policy),
+        }
     }
 
     // 1. New connects go direct from now on.

@@ -10,7 +10,8 @@ use std::{
 };
 
 use guard_harness::{
-    agent_bin, command_in, events_in, external_v4, read_line_until, require_root, run_ok,
+    agent_bin, command_in, events_in, external_v4, read_line_until, refusing_port, require_root,
+    run_ok,
     servers::{pattern_sha256, EchoServer, HashSink, HttpServer, StreamSource},
     Agent, AgentOptions, TestCgroup,
 };
@@ -69,7 +70,7 @@ fn curl_and_python_in_a_monitored_cgroup_are_redirected_attributed_and_recorded(
     assert_eq!(seen[1].body, vec![b'x'; 1000]);
 
     let dst = server.addr.to_string();
-    let events = agent.wait_events(&["--dest", &dst], 2);
+    let events = agent.wait_events(&["--kind", "connection", "--dest", &dst], 2);
     let curl_ev = events
         .iter()
         .find(|e| e["pid"] == curl_pid)
@@ -94,17 +95,58 @@ fn curl_and_python_in_a_monitored_cgroup_are_redirected_attributed_and_recorded(
     assert!(py_ev["bytes_out"].as_u64().unwrap() >= 1000);
 
     // Filters: by pid, by exe, by user; the table view names the process.
-    assert_eq!(agent.events(&["--pid", &curl_pid.to_string()]).len(), 1);
-    assert_eq!(agent.events(&["--exe", "curl"]).len(), 1);
     assert_eq!(
         agent
-            .events(&["--user", "root", "--dest", "127.0.0.2"])
+            .events(&["--kind", "connection", "--pid", &curl_pid.to_string()])
+            .len(),
+        1
+    );
+    assert_eq!(
+        agent
+            .events(&["--kind", "connection", "--exe", "curl"])
+            .len(),
+        1
+    );
+    assert_eq!(
+        agent
+            .events(&[
+                "--kind",
+                "connection",
+                "--user",
+                "root",
+                "--dest",
+                "127.0.0.2"
+            ])
             .len(),
         2
     );
-    assert_eq!(agent.events(&["--user", "nobody"]).len(), 0);
-    assert_eq!(agent.events(&["--verdict", "error"]).len(), 0);
-    assert_eq!(agent.events(&["--limit", "1"]).len(), 1);
+    assert_eq!(
+        agent
+            .events(&["--kind", "connection", "--user", "nobody"])
+            .len(),
+        0
+    );
+    assert_eq!(
+        agent
+            .events(&["--kind", "connection", "--verdict", "error"])
+            .len(),
+        0
+    );
+    assert_eq!(
+        agent
+            .events(&["--kind", "connection", "--limit", "1"])
+            .len(),
+        1
+    );
+    // Each HTTP request is recorded too, linked to its connection.
+    let http = agent.wait_events(&["--http", "--pid", &curl_pid.to_string()], 1);
+    let req = &http[0]["http"];
+    assert_eq!(req["method"], "POST");
+    assert_eq!(req["path"], "/profile");
+    assert_eq!(req["status"], 200);
+    assert_eq!(req["host"], "127.0.0.2");
+    assert_eq!(http[0]["conn_id"], curl_ev["conn_id"]);
+    assert_eq!(str_field(&http[0], "exe"), "/usr/bin/curl");
     let table = agent.cli(&["events"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("curl") && table.contains(&dst), "{table}");
@@ -139,9 +181,9 @@ fn processes_outside_the_scope_and_excluded_destinations_go_direct() {
     let out = curl_in(&cg, &format!("http://{}/", server.addr));
     assert!(out.status.success());
 
-    let all = agent.wait_events(&[], 1);
+    let all = agent.wait_events(&["--kind", "connection"], 1);
     std::thread::sleep(Duration::from_millis(300));
-    let all_later = agent.events(&[]);
+    let all_later = agent.events(&["--kind", "connection"]);
     assert_eq!(all.len(), 1, "{all:#?}");
     assert_eq!(all_later.len(), 1, "{all_later:#?}");
     assert_eq!(str_field(&all[0], "dst"), server.addr.to_string());
@@ -189,10 +231,18 @@ roundtrip(socket.AF_INET6, ("::ffff:127.0.0.2", {p4}))
         "{text}"
     );
 
-    let ev = agent.wait_events(&["--dest", &format!("[::1]:{}", v6.addr.port())], 1);
+    let ev = agent.wait_events(
+        &[
+            "--kind",
+            "connection",
+            "--dest",
+            &format!("[::1]:{}", v6.addr.port()),
+        ],
+        1,
+    );
     assert_eq!(ev[0]["bytes_out"].as_u64().unwrap(), 10);
     assert_eq!(ev[0]["bytes_in"].as_u64().unwrap(), 10);
-    let mapped = agent.wait_events(&["--dest", &v4.addr.to_string()], 1);
+    let mapped = agent.wait_events(&["--kind", "connection", "--dest", &v4.addr.to_string()], 1);
     assert_eq!(str_field(&mapped[0], "dst"), v4.addr.to_string());
 }
 
@@ -212,7 +262,10 @@ fn getpeername_in_the_client_returns_the_original_destination() {
         server.addr.to_string()
     );
     // And it really went through the agent.
-    agent.wait_events(&["--dest", &server.addr.to_string()], 1);
+    agent.wait_events(
+        &["--kind", "connection", "--dest", &server.addr.to_string()],
+        1,
+    );
 }
 
 #[test]
@@ -245,10 +298,10 @@ fn the_agents_own_upstream_sockets_are_never_redirected_even_inside_a_monitored_
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, b"through");
-    let ev = agent.wait_events(&[], 1);
+    let ev = agent.wait_events(&["--kind", "connection"], 1);
     std::thread::sleep(Duration::from_millis(300));
     // Exactly one redirected connection: the agent's upstream was not looped back.
-    assert_eq!(agent.events(&[]).len(), 1, "{ev:#?}");
+    assert_eq!(agent.events(&["--kind", "connection"]).len(), 1, "{ev:#?}");
     let st = agent.status();
     assert_eq!(st["counters"]["redirected"], 1);
     assert_eq!(st["counters"]["unknown"], 0);
@@ -260,11 +313,8 @@ fn an_upstream_that_refuses_gives_the_client_a_reset_and_an_error_event() {
     require_root();
     let cg = TestCgroup::new("refused");
     let agent = agent_for(&cg, &["127.0.0.2/32"]);
-    // A port with nothing listening on 127.0.0.2.
-    let port = {
-        let l = std::net::TcpListener::bind(external_v4(0)).unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A port on 127.0.0.2 that refuses connects (reserved, never listening).
+    let (_reserved, port) = refusing_port();
     let out = curl_in(&cg, &format!("http://127.0.0.2:{port}/"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -272,7 +322,7 @@ fn an_upstream_that_refuses_gives_the_client_a_reset_and_an_error_event() {
         err.contains("reset") || err.contains("refused") || err.contains("Empty reply"),
         "{err}"
     );
-    let ev = agent.wait_events(&["--verdict", "error"], 1);
+    let ev = agent.wait_events(&["--kind", "connection", "--verdict", "error"], 1);
     assert!(str_field(&ev[0], "error").contains("refused"), "{}", ev[0]);
     assert_eq!(str_field(&ev[0], "dst"), format!("127.0.0.2:{port}"));
 }
@@ -292,7 +342,7 @@ fn two_hundred_concurrent_clients_and_a_one_gib_stream_arrive_intact() {
 import socket, threading, os, hashlib
 ok = []
 def client(i):
-    data = os.urandom(65536)
+    data = b"ping" + os.urandom(65532)
     s = socket.create_connection(("127.0.0.2", {port}))
     s.sendall(data)
     s.shutdown(socket.SHUT_WR)
@@ -353,14 +403,23 @@ print(h.hexdigest(), n)
         format!("{} {GIB}", pattern_sha256(GIB))
     );
 
-    let echo_events = agent.wait_events(&["--dest", &echo.addr.to_string()], 200);
+    let echo_events = agent.wait_events(
+        &["--kind", "connection", "--dest", &echo.addr.to_string()],
+        200,
+    );
     assert_eq!(echo_events.len(), 200);
     assert!(echo_events
         .iter()
         .all(|e| e["bytes_out"] == 65536 && e["bytes_in"] == 65536));
-    let up = agent.wait_events(&["--dest", &sink.addr.to_string()], 1);
+    let up = agent.wait_events(
+        &["--kind", "connection", "--dest", &sink.addr.to_string()],
+        1,
+    );
     assert_eq!(up[0]["bytes_out"].as_u64().unwrap(), GIB);
-    let down = agent.wait_events(&["--dest", &source.addr.to_string()], 1);
+    let down = agent.wait_events(
+        &["--kind", "connection", "--dest", &source.addr.to_string()],
+        1,
+    );
     assert_eq!(down[0]["bytes_in"].as_u64().unwrap(), GIB);
 }
 
@@ -381,7 +440,7 @@ fn sigterm_detaches_and_a_restart_keeps_the_old_events() {
     assert!(curl_in(&cg, &format!("http://{}/one", server.addr))
         .status
         .success());
-    agent.wait_events(&[], 1);
+    agent.wait_events(&["--kind", "connection"], 1);
     let st = agent.stop_with(libc::SIGTERM);
     assert!(st.success(), "agent exit: {st}\n{}", agent.log_text());
     assert!(agent.log_text().contains("kernel programs detached"));
@@ -392,7 +451,7 @@ fn sigterm_detaches_and_a_restart_keeps_the_old_events() {
         .success());
     assert_eq!(server.requests().len(), 2);
     // Read straight from the store, no agent running: one event.
-    let stored = events_in(&state_dir, &[]);
+    let stored = events_in(&state_dir, &["--kind", "connection"]);
     assert_eq!(stored.len(), 1);
 
     // Restart on the same state dir: the old event is still there, new ones add up.
@@ -400,7 +459,7 @@ fn sigterm_detaches_and_a_restart_keeps_the_old_events() {
     assert!(curl_in(&cg, &format!("http://{}/three", server.addr))
         .status
         .success());
-    let all = agent2.wait_events(&[], 2);
+    let all = agent2.wait_events(&["--kind", "connection"], 2);
     assert_eq!(all[0]["id"], stored[0]["id"]);
     assert!(all[1]["id"].as_u64() > all[0]["id"].as_u64());
 }
@@ -565,7 +624,7 @@ fn exec_runs_a_command_monitored_with_its_exit_status_and_signals() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, b"exec-ok");
-    let ev = agent.wait_events(&["--exe", "curl"], 1);
+    let ev = agent.wait_events(&["--kind", "connection", "--exe", "curl"], 1);
     assert!(
         str_field(&ev[0], "cgroup").contains("/exec/exec-"),
         "{}",
@@ -631,7 +690,7 @@ fn status_reports_programs_scopes_counters_and_the_store() {
     assert!(curl_in(&cg, &format!("http://{}/", server.addr))
         .status
         .success());
-    agent.wait_events(&[], 1);
+    agent.wait_events(&["--kind", "connection"], 1);
     let st = agent.status();
     let programs: Vec<&str> = st["programs"]
         .as_array()
@@ -652,7 +711,8 @@ fn status_reports_programs_scopes_counters_and_the_store() {
     assert_eq!(st["intercept"][0], "127.0.0.2/32");
     assert_eq!(st["counters"]["redirected"], 1);
     assert_eq!(st["counters"]["active"], 0);
-    assert_eq!(st["store_events"], 1);
+    // One connection and the HTTP request it carried.
+    assert_eq!(st["store_events"], 2);
     assert!(st["store_bytes"].as_u64().unwrap() > 0);
     let human = agent.cli(&["status"]);
     assert!(String::from_utf8_lossy(&human.stdout).contains("1 redirected"));
@@ -672,7 +732,7 @@ fn kernel_log_records_reach_the_agents_log() {
     assert!(curl_in(&cg, &format!("http://{}/", server.addr))
         .status
         .success());
-    agent.wait_events(&[], 1);
+    agent.wait_events(&["--kind", "connection"], 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !agent.log_text().contains("redirected a connect4") {
         assert!(
@@ -708,9 +768,9 @@ fn a_uid_scope_only_redirects_the_listed_users() {
         "-sS",
         &url,
     ]));
-    let ev = agent.wait_events(&[], 1);
+    let ev = agent.wait_events(&["--kind", "connection"], 1);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(agent.events(&[]).len(), 1);
+    assert_eq!(agent.events(&["--kind", "connection"]).len(), 1);
     assert_eq!(ev[0]["uid"], nobody);
     assert_eq!(str_field(&ev[0], "user"), "nobody");
     assert_eq!(server.requests().len(), 2);

@@ -397,3 +397,13 @@ pub fn read_line_until(
 pub fn external_v4(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 2], port))
 }
+
+/// A port on 127.0.0.2 where a connect is refused, reserved for as long as
+/// the returned socket lives (bound, never listening: nobody else can take
+/// the port meanwhile).
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&external_v4(0).into()).unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    (s, port)
+}

@@ -46,6 +46,8 @@ pub struct AdminState {
     /// Group id allowed besides root (None: root only).
     pub admin_gid: Option<u32>,
     pub exec_seq: AtomicU64,
+    /// System roots plus the Guard CA, for `exec` children.
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// Errors setting up the admin socket.
@@ -230,7 +232,10 @@ async fn handle(
         }
         Request::Exec => {
             let resp = match exec_cgroup(&state, cred.pid()) {
-                Ok(cgroup) => Response::ExecCgroup { cgroup },
+                Ok(cgroup) => Response::ExecCgroup {
+                    cgroup,
+                    ca_bundle: state.ca_bundle.clone(),
+                },
                 Err(message) => Response::Error { message },
             };
             send(&mut w, &resp).await

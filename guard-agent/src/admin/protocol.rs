@@ -32,6 +32,8 @@ pub enum Response {
     /// The caller now lives in this cgroup.
     ExecCgroup {
         cgroup: PathBuf,
+        /// Trust bundle (system roots + Guard CA) for the child's TLS clients.
+        ca_bundle: Option<PathBuf>,
     },
     Error {
         message: String,

@@ -12,7 +12,7 @@ use crate::{
     config::AgentConfig,
     store::{
         filter::{parse_dest, parse_time},
-        Event, EventFilter, EventStore, Verdict,
+        Event, EventFilter, EventKind, EventStore, Verdict,
     },
 };
 
@@ -47,6 +47,12 @@ pub struct EventsArgs {
     /// Only this verdict: allow, block, error.
     #[arg(long)]
     pub verdict: Option<String>,
+    /// Only this kind: connection, http.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only HTTP requests (same as --kind http).
+    #[arg(long)]
+    pub http: bool,
     /// At most this many (the most recent).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -75,6 +81,13 @@ impl EventsArgs {
                 None => None,
                 Some(v) => Some(Verdict::parse(v).ok_or_else(|| {
                     anyhow::anyhow!("--verdict: `{v}` is not one of allow, block, error")
+                })?),
+            },
+            kind: match (self.http, self.kind.as_deref()) {
+                (true, _) => Some(EventKind::Http),
+                (false, None) => None,
+                (false, Some(k)) => Some(EventKind::parse(k).ok_or_else(|| {
+                    anyhow::anyhow!("--kind: `{k}` is not one of connection, http")
                 })?),
             },
             limit: self.limit,

@@ -40,16 +40,22 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
         let mut c = AdminClient::request(&sock, &Request::Exec)
             .await
             .map_err(|e| socket_error(&sock, e))?;
-        match c.next().await? {
-            Some(Response::ExecCgroup { cgroup }) => {
+        let bundle = match c.next().await? {
+            Some(Response::ExecCgroup { cgroup, ca_bundle }) => {
                 tracing::debug!("running in {}", cgroup.display());
+                ca_bundle
             }
             Some(Response::Error { message }) => bail!("{message}"),
             other => bail!("unexpected response from the agent: {other:?}"),
-        }
+        };
 
-        let mut child = tokio::process::Command::new(&args.command[0])
-            .args(&args.command[1..])
+        let mut cmd = tokio::process::Command::new(&args.command[0]);
+        cmd.args(&args.command[1..]);
+        // TLS clients in the child trust the Guard CA (and the system roots).
+        if let Some(b) = &bundle {
+            cmd.envs(crate::tls::trust_store::bundle_env(b));
+        }
+        let mut child = cmd
             .stdin(Stdio::inherit())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())

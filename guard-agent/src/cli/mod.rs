@@ -69,6 +69,18 @@ pub struct RunArgs {
     /// Destination prefix never to intercept (repeatable).
     #[arg(long, value_name = "CIDR")]
     pub exclude: Vec<String>,
+    /// Directory of policy files (*.ron); default: the built-in default policy.
+    #[arg(long, value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+    /// Extra CA certificate (PEM) to trust for upstream TLS (repeatable).
+    #[arg(long = "upstream-root", value_name = "FILE")]
+    pub upstream_roots: Vec<PathBuf>,
+    /// SNI glob to splice without decryption (repeatable), e.g. '*.bank.example'.
+    #[arg(long, value_name = "GLOB")]
+    pub tls_passthrough: Vec<String>,
+    /// Do not terminate TLS: splice all TLS, recording the SNI.
+    #[arg(long)]
+    pub no_inspect_tls: bool,
     /// Log as JSON lines (for journald and log shippers).
     #[arg(long)]
     pub log_json: bool,
@@ -101,6 +113,10 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         uids: args.uids,
         intercept: args.intercept,
         exclude: args.exclude,
+        policy_dir: args.policy_dir,
+        upstream_roots: args.upstream_roots,
+        tls_passthrough: args.tls_passthrough,
+        no_inspect_tls: args.no_inspect_tls,
     };
     let cfg = AgentConfig::build(file, flags)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -66,7 +66,10 @@ impl Body for ChainBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(h) = self.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(h))));
         }
@@ -109,7 +112,11 @@ impl RecordingBody {
 
     fn finish(&mut self) {
         if let Some(f) = self.on_end.take() {
-            f(self.bytes, std::mem::take(&mut self.head).freeze(), self.error.take());
+            f(
+                self.bytes,
+                std::mem::take(&mut self.head).freeze(),
+                self.error.take(),
+            );
         }
     }
 }
@@ -118,7 +125,10 @@ impl Body for RecordingBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

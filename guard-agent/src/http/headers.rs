@@ -77,7 +77,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go_including_the_named_ones() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret-hop".parse().unwrap(),
+        );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
@@ -90,7 +93,10 @@ mod tests {
     fn credentials_are_fingerprinted_not_recorded() {
         let key = MaskKey::new([7; 32]);
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, "Bearer hunter2-very-secret".parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer hunter2-very-secret".parse().unwrap(),
+        );
         h.insert(header::ACCEPT, "*/*".parse().unwrap());
         let rec = record_headers(&h, &key, |_, _| None);
         let auth = &rec.iter().find(|(k, _)| k == "authorization").unwrap().1;

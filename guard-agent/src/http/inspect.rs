@@ -65,7 +65,10 @@ fn location_text(part: &Part, loc: &Location) -> String {
         Location::Multipart { name, filename } => format!(
             "multipart {}{}",
             name.as_deref().unwrap_or("?"),
-            filename.as_deref().map(|f| format!(" ({f})")).unwrap_or_default()
+            filename
+                .as_deref()
+                .map(|f| format!(" ({f})"))
+                .unwrap_or_default()
         ),
         Location::Text => match part {
             Part::Url => "url".into(),
@@ -119,7 +122,10 @@ impl Inspector {
             add(Part::Header(name.clone()), i.findings, &mut out);
         }
         if !body.is_empty() {
-            let ct = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let ct = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
             let ce = parts
                 .headers
                 .get(http::header::CONTENT_ENCODING)

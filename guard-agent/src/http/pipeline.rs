@@ -27,8 +27,8 @@ use super::{
 };
 use crate::{
     policy::{
-        CompiledPolicy, Decision, FindingFact, Mode, Protocol, RequestFacts, Verdict as PolicyVerdict,
-        APPROVAL_NOT_CONFIGURED,
+        CompiledPolicy, Decision, FindingFact, Mode, Protocol, RequestFacts,
+        Verdict as PolicyVerdict, APPROVAL_NOT_CONFIGURED,
     },
     store::{Event, EventKind, EventSink, HttpRecord, PolicyRecord, Verdict},
 };
@@ -72,7 +72,13 @@ fn host_of(req: &Request<Incoming>, ctx: &ConnContext) -> String {
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(|h| h.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(a, _)| a).unwrap_or(h).to_owned());
+        .map(|h| {
+            h.rsplit_once(':')
+                .filter(|(_, p)| p.parse::<u16>().is_ok())
+                .map(|(a, _)| a)
+                .unwrap_or(h)
+                .to_owned()
+        });
     from_uri
         .or(from_header)
         .or_else(|| ctx.sni.clone())
@@ -159,7 +165,10 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
             ev.verdict = Verdict::Error;
             ev.error = Some(format!("reading the request body failed: {e}"));
             finish(&ctx, ev, rec, started);
-            return json_response(StatusCode::BAD_REQUEST, json!({"error": "bad request body"}));
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "bad request body"}),
+            );
         }
     };
 
@@ -180,7 +189,11 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
     facts.dest_host = Some(host.clone());
     facts.method = Some(parts.method.to_string());
     facts.path = Some(parts.uri.path().to_owned());
-    facts.protocol = Some(if ctx.scheme == "https" { Protocol::Https } else { Protocol::Http });
+    facts.protocol = Some(if ctx.scheme == "https" {
+        Protocol::Https
+    } else {
+        Protocol::Http
+    });
     facts.findings = inspection
         .findings
         .iter()
@@ -191,10 +204,14 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
 
     // Record the request as it is known now (masked for the record).
     let key = &ctx.inspector.key;
-    rec.request_headers = record_headers(&parts.headers, key, |_, v| ctx.inspector.mask_for_record(v));
+    rec.request_headers =
+        record_headers(&parts.headers, key, |_, v| ctx.inspector.mask_for_record(v));
     rec.request_bytes = body_bytes.len() as u64;
     if let Some(masked_url) = &inspection.url {
-        let (p, q) = masked_url.split_once('?').map(|(p, q)| (p, Some(q))).unwrap_or((masked_url, None));
+        let (p, q) = masked_url
+            .split_once('?')
+            .map(|(p, q)| (p, Some(q)))
+            .unwrap_or((masked_url, None));
         rec.path = p.to_owned();
         rec.query = q.map(str::to_owned);
     }
@@ -212,8 +229,16 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
             .iter()
             .any(|l| scope.applies_to(&l.finding.detector, l.goes_home))
     });
-    ev.findings = inspection.findings.iter().map(|l| l.record(masking)).collect();
-    let excerpt_src = if masking { inspection.body.as_deref() } else { None };
+    ev.findings = inspection
+        .findings
+        .iter()
+        .map(|l| l.record(masking))
+        .collect();
+    let excerpt_src = if masking {
+        inspection.body.as_deref()
+    } else {
+        None
+    };
     rec.request_excerpt = ctx.inspector.excerpt(excerpt_src.unwrap_or(&body_bytes));
 
     if let Some(reason) = block_reason {
@@ -257,11 +282,17 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
     let out_body = match (masking, rest) {
         (true, rest) => {
             apply_masks(&ctx.inspector, &mut parts, &inspection);
-            let b = inspection.body.clone().map(Bytes::from).unwrap_or(body_bytes);
+            let b = inspection
+                .body
+                .clone()
+                .map(Bytes::from)
+                .unwrap_or(body_bytes);
             match rest {
                 Some(rest) => chain(b, rest),
                 None => {
-                    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
                     full(b)
                 }
             }
@@ -275,7 +306,13 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
         None
     };
     let mut up_req = Request::from_parts(parts, out_body);
-    prepare_upstream_request(&mut up_req, &host, ctx.scheme, upstream.is_http1().await, is_upgrade);
+    prepare_upstream_request(
+        &mut up_req,
+        &host,
+        ctx.scheme,
+        upstream.is_http1().await,
+        is_upgrade,
+    );
 
     let resp = match upstream.send(up_req).await {
         Ok(r) => r,
@@ -283,7 +320,8 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
             ev.verdict = Verdict::Error;
             ev.error = Some(fail.reason.clone());
             rec.status = Some(502);
-            let body = json!({"error": "upstream failed", "problem": fail.reason, "event_id": ev.id});
+            let body =
+                json!({"error": "upstream failed", "problem": fail.reason, "event_id": ev.id});
             finish(&ctx, ev, rec, started);
             return json_response(StatusCode::BAD_GATEWAY, body);
         }
@@ -301,16 +339,22 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
             let upstream_side = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+                            .await;
                 }
             });
         }
     }
-    rec.response_headers = record_headers(resp.headers(), key, |_, v| ctx.inspector.mask_for_record(v));
+    rec.response_headers =
+        record_headers(resp.headers(), key, |_, v| ctx.inspector.mask_for_record(v));
 
     // 6. Respond, recording when the response body ends.
     let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers, rparts.status == StatusCode::SWITCHING_PROTOCOLS);
+    strip_hop_by_hop(
+        &mut rparts.headers,
+        rparts.status == StatusCode::SWITCHING_PROTOCOLS,
+    );
     let ctx2 = Arc::clone(&ctx);
     let body = RecordingBody::new(
         rbody,
@@ -347,9 +391,19 @@ fn apply_masks(inspector: &Inspector, parts: &mut http::request::Parts, i: &Requ
 }
 
 /// Turns the client's request into one for the upstream connection.
-fn prepare_upstream_request(req: &mut Request<PipeBody>, host: &str, scheme: &str, http1: bool, upgrade: bool) {
+fn prepare_upstream_request(
+    req: &mut Request<PipeBody>,
+    host: &str,
+    scheme: &str,
+    http1: bool,
+    upgrade: bool,
+) {
     strip_hop_by_hop(req.headers_mut(), upgrade && http1);
-    let pq = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
     if http1 {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
@@ -368,7 +422,12 @@ fn prepare_upstream_request(req: &mut Request<PipeBody>, host: &str, scheme: &st
             .uri()
             .authority()
             .map(|a| a.as_str().to_owned())
-            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| host.to_owned());
         req.headers_mut().remove(header::HOST);
         if let Ok(u) = format!("{scheme}://{authority}{pq}").parse() {

@@ -28,7 +28,6 @@ use crate::{
 /// The body type the agent sends upstream.
 pub type UpBody = super::body::PipeBody;
 
-
 /// Why the upstream could not be reached or spoken to.
 #[derive(Debug, Clone)]
 pub struct UpstreamFailure {
@@ -101,9 +100,12 @@ async fn handshake(target: &UpstreamTarget, tcp: TcpStream) -> Result<Connected,
                 .map(|p| String::from_utf8_lossy(p).into_owned());
             let tls_version = session.protocol_version().map(|v| format!("{v:?}"));
             let sender = if alpn.as_deref() == Some("h2") {
-                let (sender, conn) = conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .map_err(|e| fail(format!("upstream HTTP/2 handshake failed: {e}"), false))?;
+                let (sender, conn) =
+                    conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                        .await
+                        .map_err(|e| {
+                            fail(format!("upstream HTTP/2 handshake failed: {e}"), false)
+                        })?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -181,6 +183,9 @@ impl Upstream {
 
     /// True when requests must use origin-form URIs (HTTP/1.1 upstream).
     pub async fn is_http1(&self) -> bool {
-        matches!(self.sender.lock().await.as_ref(), Some(Sender::H1(_)) | None)
+        matches!(
+            self.sender.lock().await.as_ref(),
+            Some(Sender::H1(_)) | None
+        )
     }
 }

@@ -32,9 +32,11 @@ pub fn describe_connect_error(e: &io::Error) -> String {
         Some(libc::ENETUNREACH) => "upstream network unreachable (ENETUNREACH)".into(),
         Some(libc::ETIMEDOUT) => "upstream connect timed out (ETIMEDOUT)".into(),
         _ if e.kind() == io::ErrorKind::TimedOut => {
-            format!("upstream connect timed out after {}s", CONNECT_TIMEOUT.as_secs())
+            format!(
+                "upstream connect timed out after {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )
         }
         _ => format!("upstream connect failed: {e}"),
     }
 }
-

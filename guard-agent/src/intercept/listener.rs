@@ -26,6 +26,11 @@ use super::{
     splice::{splice, ByteCounts, CountingIo},
 };
 use crate::{
+    bpf::OriginalDstTable,
+    proc::ProcCache,
+    store::{Event, EventSink, Verdict},
+};
+use crate::{
     http::{
         inspect::Inspector,
         pipeline::{self, ConnContext},
@@ -37,11 +42,6 @@ use crate::{
         leaf::LeafCache,
         upstream::{describe_io_error, server_name, UpstreamTls},
     },
-};
-use crate::{
-    bpf::OriginalDstTable,
-    proc::ProcCache,
-    store::{Event, EventSink, Verdict},
 };
 
 /// Live counters, reported by `guard-agent status`.
@@ -167,6 +167,7 @@ async fn handle(
     let started = Instant::now();
     let mut ev = Event::connection(OffsetDateTime::now_utc());
     ev.src = Some(peer.to_string());
+    ev.conn_id = Some(rand::random::<u64>() >> 11); // exact in JSON numbers
 
     let Some(orig) = original_destination(&ctx.table, peer).await else {
         ctx.counters.unknown.fetch_add(1, Ordering::Relaxed);
@@ -284,7 +285,10 @@ async fn carry(
         Sniff::Tls(hello) => {
             let sni = hello.sni.clone();
             ev.host = sni.clone();
-            let passthrough = !settings.inspect_tls || sni.as_deref().is_some_and(|s| settings.passthrough.is_match(s));
+            let passthrough = !settings.inspect_tls
+                || sni
+                    .as_deref()
+                    .is_some_and(|s| settings.passthrough.is_match(s));
             if passthrough {
                 ev.tls = Some(TlsRecord {
                     sni,
@@ -306,7 +310,9 @@ async fn carry(
             };
             let upstream = Upstream::start(target, up).await.map(Arc::new);
             let conn = conn_context(ctx, ev, dst, None, "http", upstream, facts);
-            pipeline::serve(CountingIo::new(client, Arc::clone(counts)), conn).await.err()
+            pipeline::serve(CountingIo::new(client, Arc::clone(counts)), conn)
+                .await
+                .err()
         }
         Sniff::Opaque | Sniff::Http2PriorKnowledge | Sniff::NeedMore => {
             facts.protocol = Some(Protocol::Tcp);
@@ -431,7 +437,9 @@ async fn inspect_tls(
     let (_, session) = tls.get_ref();
     let record = TlsRecord {
         sni: hello.sni.clone(),
-        alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+        alpn: session
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
         version: session.protocol_version().map(|v| format!("{v:?}")),
         upstream_alpn: upstream.as_ref().ok().and_then(|u| u.alpn.clone()),
         upstream_version: upstream.as_ref().ok().and_then(|u| u.tls_version.clone()),

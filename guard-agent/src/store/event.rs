@@ -22,6 +22,14 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "connection" => Some(EventKind::Connection),
+            "http" => Some(EventKind::Http),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Connection => "connection",

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-use super::event::{Event, Verdict};
+use super::event::{Event, EventKind, Verdict};
 
 /// A destination filter: a host (glob with `*`) or a CIDR, with an optional port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,9 @@ pub struct EventFilter {
     pub exe: Option<String>,
     pub dest: Option<DestFilter>,
     pub verdict: Option<Verdict>,
+    /// Only this kind of event.
+    #[serde(default)]
+    pub kind: Option<EventKind>,
     /// At most this many events: the most recent ones.
     pub limit: Option<usize>,
 }
@@ -154,6 +157,9 @@ impl EventFilter {
             return false;
         }
         if self.verdict.is_some_and(|v| e.verdict != v) {
+            return false;
+        }
+        if self.kind.is_some_and(|k| e.kind != k) {
             return false;
         }
         true

@@ -258,11 +258,7 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
             tracing::error!("flushing the event store failed: {e}");
         }
     });
-    EventWriter {
-        sink,
-        stored,
-        task,
-    }
+    EventWriter { sink, stored, task }
 }
 
 #[cfg(test)]
