@@ -30,7 +30,8 @@
 //! 4. **agent RSS**: `VmRSS` from `/proc/<agent>/status` 1 s after start-up
 //!    (idle), the highest `VmRSS` sampled every 20 ms while the phases ran,
 //!    and `VmHWM` at the end (and right after start-up, whose own peak,
-//!    loading the kernel programs, it also covers).
+//!    loading the kernel programs, it also covers), and `VmRSS` 1 s after
+//!    the last run.
 //!
 //! Every figure is reported with its Guard/direct ratio, plus the issue's
 //! targets with pass/fail: added p50 connect latency < 100 µs, stream
@@ -584,6 +585,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     )?;
     let peak_kib = sampler.finish();
     let hwm_kib = proc_kib(pid, "VmHWM").unwrap_or(0);
+    // Does the memory come back once the connections are gone?
+    thread::sleep(Duration::from_secs(1));
+    let after_kib = proc_kib(pid, "VmRSS").unwrap_or(0);
     let status = b.agent.status();
     let Bench {
         agent,
@@ -602,6 +606,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         startup_hwm_kib,
         peak_kib,
         hwm_kib,
+        after_kib,
         agent_errors,
         agent_status: status,
         secs: started.elapsed().as_secs_f64(),
@@ -637,6 +642,7 @@ struct Results {
     startup_hwm_kib: u64,
     peak_kib: u64,
     hwm_kib: u64,
+    after_kib: u64,
     agent_errors: Vec<(String, u64)>,
     agent_status: Value,
     secs: f64,
@@ -746,10 +752,12 @@ impl Results {
         );
         m += &format!("| agent RSS idle (MiB) | | {:.1} | |\n", mib(self.idle_kib));
         m += &format!(
-            "| agent RSS under load: peak sampled / VmHWM (MiB) | | {:.1} / {:.1} | |\n\n\
+            "| agent RSS under load: peak sampled / VmHWM (MiB) | | {:.1} / {:.1} | |\n\
+             | agent RSS 1 s after the last run (MiB) | | {:.1} | |\n\n\
              (VmHWM covers the agent's whole life; it was {:.1} MiB right after start-up.)\n\n",
             mib(self.peak_kib),
             mib(self.hwm_kib),
+            mib(self.after_kib),
             mib(self.startup_hwm_kib)
         );
         m += "| target | measured | result |\n|---|---:|:---:|\n";
@@ -803,6 +811,7 @@ impl Results {
                 "vm_hwm_after_startup": self.startup_hwm_kib,
                 "peak_sampled": self.peak_kib,
                 "vm_hwm": self.hwm_kib,
+                "after_load": self.after_kib,
             },
             "ratios": {
                 "latency_p50": f(&self.lat.1, "p50_us") / f(&self.lat.0, "p50_us"),
