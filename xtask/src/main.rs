@@ -47,6 +47,9 @@ enum Task {
     Demo,
     /// Benchmark direct vs through Guard and print a report (as root).
     Bench(bench::BenchArgs),
+    /// The bench's client workload (spawned by `bench`, prints JSON).
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
 }
 
 /// The workspace root.
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
         Task::Ci => ci(),
         Task::Demo => require_root("the demo").and_then(|_| demo::run()),
         Task::Bench(a) => require_root("the benchmark").and_then(|_| bench::run(a)),
+        Task::BenchClient(a) => bench::client(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
