@@ -49,6 +49,20 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
             other => bail!("unexpected response from the agent: {other:?}"),
         };
 
+        // Handlers first: a signal that arrives once the child runs must be
+        // forwarded, never take the default action on this process.
+        let fg = in_terminal_foreground();
+        let mut forwarded = Vec::new();
+        for (kind, keyboard) in [
+            (SignalKind::terminate(), false),
+            (SignalKind::hangup(), false),
+            (SignalKind::user_defined1(), false),
+            (SignalKind::user_defined2(), false),
+            (SignalKind::interrupt(), true),
+            (SignalKind::quit(), true),
+        ] {
+            forwarded.push((signal(kind)?, kind.as_raw_value(), keyboard));
+        }
         let mut cmd = tokio::process::Command::new(&args.command[0]);
         cmd.args(&args.command[1..]);
         // TLS clients in the child trust the Guard CA (and the system roots).
@@ -63,18 +77,6 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot run {}", args.command[0].to_string_lossy()))?;
         let pid = child.id().context("child pid")? as i32;
 
-        let fg = in_terminal_foreground();
-        let mut forwarded = Vec::new();
-        for (kind, keyboard) in [
-            (SignalKind::terminate(), false),
-            (SignalKind::hangup(), false),
-            (SignalKind::user_defined1(), false),
-            (SignalKind::user_defined2(), false),
-            (SignalKind::interrupt(), true),
-            (SignalKind::quit(), true),
-        ] {
-            forwarded.push((signal(kind)?, kind.as_raw_value(), keyboard));
-        }
         let status = loop {
             let sigs = next_signal(&mut forwarded);
             tokio::select! {
