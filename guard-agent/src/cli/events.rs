@@ -128,8 +128,8 @@ impl Printer {
         if !self.header_done {
             writeln!(
                 out,
-                "{:>6}  {:<19}  {:>7}  {:<8}  {:<16}  {:<22}  {:<20}  {:<7}  {:>9}  {:>9}  ERROR",
-                "ID", "TIME (UTC)", "PID", "USER", "EXE", "DST", "HOST", "VERDICT", "OUT", "IN"
+                "{:>6}  {:<19}  {:>7}  {:<8}  {:<14}  {:<21}  {:<34}  {:<7}  {:>8}  {:>8}  NOTE",
+                "ID", "TIME (UTC)", "PID", "USER", "EXE", "DST", "WHAT", "VERDICT", "OUT", "IN"
             )?;
             self.header_done = true;
         }
@@ -148,20 +148,55 @@ impl Printer {
             .as_deref()
             .map(|x| x.rsplit('/').next().unwrap_or(x))
             .or(e.comm.as_deref());
+        let (what, out_b, in_b) = match &e.http {
+            Some(h) => (
+                format!(
+                    "{} {}{} {}",
+                    h.method,
+                    h.host,
+                    h.path,
+                    h.status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into())
+                ),
+                h.request_bytes,
+                h.response_bytes,
+            ),
+            None => {
+                let what = match &e.tls {
+                    Some(t) if t.passthrough => {
+                        format!("tls {} (passthrough)", t.sni.as_deref().unwrap_or("-"))
+                    }
+                    Some(t) => format!("tls {}", t.sni.as_deref().unwrap_or("-")),
+                    None => format!("tcp {}", e.host.as_deref().unwrap_or(""))
+                        .trim_end()
+                        .to_owned(),
+                };
+                (what, e.bytes_out, e.bytes_in)
+            }
+        };
+        let note = match (&e.error, &e.policy) {
+            (Some(err), _) => err.clone(),
+            (None, Some(p)) if e.verdict != Verdict::Allow || !e.findings.is_empty() => {
+                let found: Vec<&str> = e.findings.iter().map(|f| f.detector.as_str()).collect();
+                format!("rule {} [{}]", p.rule, found.join(", "))
+            }
+            _ => String::new(),
+        };
         writeln!(
             out,
-            "{:>6}  {:<19}  {:>7}  {:<8}  {:<16}  {:<22}  {:<20}  {:<7}  {:>9}  {:>9}  {}",
+            "{:>6}  {:<19}  {:>7}  {:<8}  {:<14}  {:<21}  {:<34}  {:<7}  {:>8}  {:>8}  {}",
             e.id,
             time,
             e.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             short(e.user.as_deref().or(e.uid.map(|_| "?")), 8),
-            short(exe, 16),
-            short(e.dst.as_deref(), 22),
-            short(e.host.as_deref(), 20),
+            short(exe, 14),
+            short(e.dst.as_deref(), 21),
+            short(Some(&what), 34),
             e.verdict.as_str(),
-            e.bytes_out,
-            e.bytes_in,
-            e.error.as_deref().unwrap_or("")
+            out_b,
+            in_b,
+            note
         )?;
         out.flush()
     }

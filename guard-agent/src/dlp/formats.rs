@@ -394,6 +394,35 @@ impl Engine {
                     Escape::None,
                 );
             }
+            // Names are data too: a body that is not really a form (or a
+            // hostile one) can carry a secret before its `=`.
+            let nstart = base + piece_start;
+            if needs_percent_decode(name_raw, plus) {
+                let (dec, map) = percent_decode(name_raw, plus);
+                let hits = self.detect(&dec, None);
+                c.add(
+                    self,
+                    &hits,
+                    &dec,
+                    Some(&map),
+                    name_raw,
+                    nstart,
+                    &location,
+                    Escape::Percent,
+                );
+            } else {
+                let hits = self.detect(name_raw, None);
+                c.add(
+                    self,
+                    &hits,
+                    name_raw,
+                    None,
+                    name_raw,
+                    nstart,
+                    &location,
+                    Escape::None,
+                );
+            }
         }
     }
 

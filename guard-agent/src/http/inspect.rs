@@ -79,10 +79,18 @@ fn location_text(part: &Part, loc: &Location) -> String {
 }
 
 impl Located {
-    pub fn record(&self, applied: bool) -> FindingRecord {
+    /// The finding as an event records it. The location names a field, a
+    /// header or a JSON path, which come from the request and may themselves
+    /// carry sensitive text: it is masked like any other recorded text.
+    pub fn record(&self, inspector: &Inspector, applied: bool) -> FindingRecord {
+        let location = location_text(&self.part, &self.finding.location);
+        let location = match inspector.mask_for_record(location.as_bytes()) {
+            Some(m) => String::from_utf8_lossy(&m).into_owned(),
+            None => location,
+        };
         FindingRecord {
             detector: self.finding.detector.to_string(),
-            location: location_text(&self.part, &self.finding.location),
+            location,
             masked: self.finding.masked.clone(),
             fingerprint: self.finding.fingerprint.clone(),
             goes_home: self.goes_home,

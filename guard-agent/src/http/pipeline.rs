@@ -232,7 +232,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
     ev.findings = inspection
         .findings
         .iter()
-        .map(|l| l.record(masking))
+        .map(|l| l.record(&ctx.inspector, masking))
         .collect();
     let excerpt_src = if masking {
         inspection.body.as_deref()
