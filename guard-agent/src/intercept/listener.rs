@@ -151,6 +151,9 @@ fn reset(stream: TcpStream) {
 async fn original_destination(table: &OriginalDstTable, peer: SocketAddr) -> Option<OriginalDst> {
     for attempt in 0..3 {
         if let Some(o) = table.take(peer) {
+            if attempt > 0 {
+                tracing::debug!(attempt, "original destination found after a retry");
+            }
             return Some(o);
         }
         tokio::time::sleep(Duration::from_millis(1 << attempt)).await;

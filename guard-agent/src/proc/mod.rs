@@ -117,8 +117,16 @@ impl ProcCache {
         }
     }
 
-    /// Identity of `pid`, from the cache or read on a blocking thread.
+    /// Identity of `pid`: a cache hit costs one small read of
+    /// `/proc/PID/stat` on the calling task; a miss reads the rest on a
+    /// blocking thread.
     pub async fn lookup(self: &Arc<Self>, pid: u32) -> Arc<ProcInfo> {
+        let Some((start, _)) = stat_fields(pid) else {
+            return Arc::new(ProcInfo::default());
+        };
+        if let Some(hit) = self.procs.lock().unwrap().get(&(pid, start)) {
+            return Arc::clone(hit);
+        }
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || this.lookup_blocking(pid))
             .await

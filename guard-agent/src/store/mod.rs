@@ -305,10 +305,10 @@ mod tests {
             max_bytes: u64::MAX,
         };
         assert_eq!(s.apply_retention(&r, OffsetDateTime::now_utc()).unwrap(), 1);
-        let per_event = s.bytes() / 3;
+        // One byte over the limit: exactly the oldest event has to go.
         let r = Retention {
             max_age: Duration::from_secs(3600),
-            max_bytes: per_event * 2,
+            max_bytes: s.bytes() - 1,
         };
         assert_eq!(s.apply_retention(&r, OffsetDateTime::now_utc()).unwrap(), 1);
         assert_eq!(s.len(), 2);
