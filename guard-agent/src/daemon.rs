@@ -342,7 +342,10 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let intercept = Arc::new(Intercept {
         table,
         procs: Arc::new(ProcCache::default()),
-        sink: writer.sink.clone().with_scrub(cmdline_scrub(&inspect.inspector)),
+        sink: writer
+            .sink
+            .clone()
+            .with_scrub(cmdline_scrub(&inspect.inspector)),
         counters: Arc::clone(&counters),
         mark: cfg.mark,
         inspect: Arc::clone(&inspect),
