@@ -132,6 +132,28 @@ pub(crate) fn dlp_settings(d: &crate::policy::schema::DetectorSettings) -> DlpSe
         };
         s.mask.insert(name.clone(), style);
     }
+    for c in &d.custom {
+        use crate::dlp::{DetectorClass as DC, ValidatorSettings as DV};
+        use crate::policy::schema::{DetectorClass as PC, Validator as PV};
+        let mask = s.mask.get(&c.name).copied().unwrap_or(D::Redact);
+        s.custom.push(crate::dlp::CustomDetectorSettings {
+            name: c.name.clone(),
+            regex: c.regex.clone(),
+            keywords: c.keywords.clone(),
+            validator: c.validator.map(|v| match v {
+                PV::Luhn => DV::Luhn,
+                PV::Mod97 => DV::Mod97,
+                PV::Entropy(n) => DV::Entropy(n),
+            }),
+            mask,
+            class: match c.class {
+                PC::Secret => DC::Secret,
+                PC::Pii => DC::Pii,
+                PC::Other => DC::Infrastructure,
+            },
+            home: c.home.clone(),
+        });
+    }
     for entry in &d.allowlist {
         let targets = if entry.detectors.is_empty() {
             vec!["*".to_owned()]

@@ -768,6 +768,41 @@ fn policy_explain_cli() {
         .iter()
         .any(|t| t["rule"] == "secrets-going-home" && t["outcome"] == "matched"));
 
+    // A custom detector from the policy runs and its rule decides.
+    let custom = policy_dir(&[
+        ("50-default.ron", DEFAULT_POLICY),
+        (
+            "10-acme.ron",
+            r#"Policy(
+    name: "acme",
+    detectors: (custom: [(name: "acme-token", regex: "acme_[A-Za-z0-9]{32}", home: ["*.acme.internal"])]),
+    rules: [Rule(name: "acme-tokens-stay-home", when: (leaving_home: ["acme-token"]), action: Block())],
+)"#,
+        ),
+    ]);
+    std::fs::write(&body, "key=acme_Q7fK2mQ9xW4tL7vN3bH6jP1sD5gY0cZ8").unwrap();
+    for (url, action) in [
+        ("https://paste.example/new", "Block"),
+        ("https://ci.acme.internal/build", "Allow"),
+    ] {
+        let (out, text) = explain(&[
+            "--policy-dir",
+            custom.path().to_str().unwrap(),
+            "--method",
+            "POST",
+            "--url",
+            url,
+            "--body",
+            body_s,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{text}");
+        let j: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(j["findings"][0]["detector"], "acme-token", "{j:#}");
+        assert_eq!(j["decision"]["action"], action, "{url}: {j:#}");
+        assert!(!text.contains("acme_Q7fK2mQ9"), "{text}");
+    }
+
     // `policy check` on a good directory.
     let out = Command::new(agent_bin())
         .args(["policy", "check"])
