@@ -81,7 +81,7 @@ pub enum StartError {
 }
 
 /// The policy used when no policy directory is configured.
-const BUILT_IN_POLICY: &str = include_str!("../../policies/default.ron");
+pub(crate) const BUILT_IN_POLICY: &str = include_str!("../../policies/default.ron");
 
 /// The host key for masking tokens and fingerprints: 32 random bytes in the
 /// state directory, mode 0600, created on first start.
@@ -117,7 +117,7 @@ fn mask_key(state_dir: &Path) -> Result<MaskKey, StartError> {
 }
 
 /// The policy's detector settings as the DLP engine takes them.
-fn dlp_settings(d: &crate::policy::schema::DetectorSettings) -> DlpSettings {
+pub(crate) fn dlp_settings(d: &crate::policy::schema::DetectorSettings) -> DlpSettings {
     use crate::dlp::MaskStyle as D;
     use crate::policy::MaskStyle as P;
     let mut s = DlpSettings {
@@ -131,6 +131,28 @@ fn dlp_settings(d: &crate::policy::schema::DetectorSettings) -> DlpSettings {
             P::Token => D::Token,
         };
         s.mask.insert(name.clone(), style);
+    }
+    for c in &d.custom {
+        use crate::dlp::{DetectorClass as DC, ValidatorSettings as DV};
+        use crate::policy::schema::{DetectorClass as PC, Validator as PV};
+        let mask = s.mask.get(&c.name).copied().unwrap_or(D::Redact);
+        s.custom.push(crate::dlp::CustomDetectorSettings {
+            name: c.name.clone(),
+            regex: c.regex.clone(),
+            keywords: c.keywords.clone(),
+            validator: c.validator.map(|v| match v {
+                PV::Luhn => DV::Luhn,
+                PV::Mod97 => DV::Mod97,
+                PV::Entropy(n) => DV::Entropy(n),
+            }),
+            mask,
+            class: match c.class {
+                PC::Secret => DC::Secret,
+                PC::Pii => DC::Pii,
+                PC::Other => DC::Infrastructure,
+            },
+            home: c.home.clone(),
+        });
     }
     for entry in &d.allowlist {
         let targets = if entry.detectors.is_empty() {
@@ -225,15 +247,54 @@ fn admin_gid(name: &str) -> Option<u32> {
 }
 
 /// Reloads the policy directory; a bad file keeps the last good policy.
-fn reload_policy(cfg: &AgentConfig, store: &PolicyStore) {
+/// `why` says what triggered it (SIGHUP, a file change).
+fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, why: &str) {
     let Some(dir) = &cfg.policy_dir else {
-        tracing::info!("SIGHUP: no policy directory configured; the built-in policy stays");
+        tracing::info!("{why}: no policy directory configured; the built-in policy stays");
         return;
     };
     match store.reload(dir) {
-        Ok(v) => tracing::info!(version = v, "SIGHUP: policy reloaded"),
-        Err(e) => tracing::error!("SIGHUP: policy not reloaded, the last good one stays: {e}"),
+        Ok(v) => tracing::info!(version = v, "{why}: policy reloaded"),
+        Err(e) => tracing::error!("{why}: policy not reloaded, the last good one stays: {e}"),
     }
+}
+
+/// Masks what the DLP engine finds in an event's command line (`curl -d
+/// card=...`, `--token ghp_...`): it comes from the process, not from a
+/// request, so the pipeline's masking never saw it.
+fn cmdline_scrub(inspector: &Arc<Inspector>) -> crate::store::Scrub {
+    let inspector = Arc::clone(inspector);
+    Arc::new(move |ev: &mut crate::store::Event| {
+        if let Some(c) = &ev.cmdline {
+            if let Some(m) = inspector.mask_for_record(c.as_bytes()) {
+                ev.cmdline = Some(String::from_utf8_lossy(&m).into_owned());
+            }
+        }
+    })
+}
+
+/// How often the policy directory is checked for changed files.
+const POLICY_POLL: Duration = Duration::from_secs(2);
+
+/// Name, size and modification time of every `*.ron` file in `dir`: when
+/// this changes, the policy is reloaded (an unreadable directory counts as
+/// a change too, so that the reload reports it).
+fn policy_stamp(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut stamp: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ron"))
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let len = m.as_ref().map_or(0, |m| m.len());
+            let mtime = m.and_then(|m| m.modified().ok());
+            (p, len, mtime)
+        })
+        .collect();
+    stamp.sort();
+    stamp
 }
 
 /// Runs the agent until a termination signal.
@@ -303,7 +364,10 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let intercept = Arc::new(Intercept {
         table,
         procs: Arc::new(ProcCache::default()),
-        sink: writer.sink.clone(),
+        sink: writer
+            .sink
+            .clone()
+            .with_scrub(cmdline_scrub(&inspect.inspector)),
         counters: Arc::clone(&counters),
         mark: cfg.mark,
         inspect: Arc::clone(&inspect),
@@ -348,11 +412,24 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("signal handler");
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("signal handler");
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("signal handler");
+    let mut poll = tokio::time::interval(POLICY_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stamp = cfg.policy_dir.as_deref().map(policy_stamp);
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => reload_policy(&cfg, &inspect.policy),
+            _ = hup.recv() => {
+                stamp = cfg.policy_dir.as_deref().map(policy_stamp);
+                reload_policy(&cfg, &inspect.policy, "SIGHUP");
+            }
+            _ = poll.tick(), if stamp.is_some() => {
+                let now = cfg.policy_dir.as_deref().map(policy_stamp);
+                if now != stamp {
+                    stamp = now;
+                    reload_policy(&cfg, &inspect.policy, "policy files changed");
+                }
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-//! The command line: `guard-agent run | events | status | exec`.
+//! The command line: `guard-agent run | events | status | exec | policy`.
 //!
 //! Commands other than `run` talk to the running agent through the admin
 //! socket; `events` falls back to reading the store directly when no agent
@@ -6,6 +6,7 @@
 
 mod events;
 mod exec;
+mod policy;
 mod status;
 
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Run a command in a fresh monitored cgroup of the running agent.
     Exec(exec::ExecArgs),
+    /// Check a policy directory, or explain a decision for one request.
+    Policy(policy::PolicyArgs),
 }
 
 /// Where the state (store, admin socket) lives.
@@ -132,6 +135,7 @@ pub fn main() -> i32 {
         Command::Events(a) => events::run(a).map(|_| 0),
         Command::Status(a) => status::run(a).map(|_| 0),
         Command::Exec(a) => exec::run(a),
+        Command::Policy(a) => policy::run(a),
     };
     match res {
         Ok(code) => code,
