@@ -259,20 +259,6 @@ fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, why: &str) {
     }
 }
 
-/// Masks what the DLP engine finds in an event's command line (`curl -d
-/// card=...`, `--token ghp_...`): it comes from the process, not from a
-/// request, so the pipeline's masking never saw it.
-fn cmdline_scrub(inspector: &Arc<Inspector>) -> crate::store::Scrub {
-    let inspector = Arc::clone(inspector);
-    Arc::new(move |ev: &mut crate::store::Event| {
-        if let Some(c) = &ev.cmdline {
-            if let Some(m) = inspector.mask_for_record(c.as_bytes()) {
-                ev.cmdline = Some(String::from_utf8_lossy(&m).into_owned());
-            }
-        }
-    })
-}
-
 /// How often the policy directory is checked for changed files.
 const POLICY_POLL: Duration = Duration::from_secs(2);
 
@@ -364,10 +350,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let intercept = Arc::new(Intercept {
         table,
         procs: Arc::new(ProcCache::default()),
-        sink: writer
-            .sink
-            .clone()
-            .with_scrub(cmdline_scrub(&inspect.inspector)),
+        sink: writer.sink.clone(),
         counters: Arc::clone(&counters),
         mark: cfg.mark,
         inspect: Arc::clone(&inspect),

@@ -200,7 +200,14 @@ async fn handle(
     let (info, upstream) = tokio::join!(procs.lookup(orig.tgid), connect_tcp(dst, ctx.mark));
     ev.user = ctx.procs.user_name(orig.uid);
     ev.exe = info.exe.clone();
-    ev.cmdline = info.cmdline.clone();
+    // The command line comes from the process, not from a request, so the
+    // pipeline never masked it (`curl -d card=...`, `--token ghp_...`).
+    ev.cmdline = info.cmdline.as_deref().map(|c| {
+        match ctx.inspect.inspector.mask_for_record(c.as_bytes()) {
+            Some(m) => String::from_utf8_lossy(&m).into_owned(),
+            None => c.to_owned(),
+        }
+    });
     ev.ancestors = info.ancestors.clone();
     ev.cgroup = info.cgroup.clone();
     ev.unit = info.unit.clone();

@@ -189,29 +189,12 @@ impl EventStore {
 pub struct EventSink {
     tx: mpsc::Sender<Event>,
     store: EventStore,
-    scrub: Option<Scrub>,
 }
 
-/// A last rewrite of every event before it is queued (see
-/// [`EventSink::with_scrub`]).
-pub type Scrub = Arc<dyn Fn(&mut Event) + Send + Sync>;
-
 impl EventSink {
-    /// This sink, rewriting every event with `scrub` before queueing it:
-    /// the daemon masks free text that comes from the monitored process
-    /// (its command line) so that the store never holds what masking
-    /// removes from requests.
-    pub fn with_scrub(mut self, scrub: Scrub) -> Self {
-        self.scrub = Some(scrub);
-        self
-    }
-
     /// Queues an event; waits if the writer is behind (back-pressure rather
     /// than loss).
-    pub async fn record(&self, mut e: Event) {
-        if let Some(scrub) = &self.scrub {
-            scrub(&mut e);
-        }
+    pub async fn record(&self, e: Event) {
         if self.tx.send(e).await.is_err() {
             tracing::error!("event writer is gone; an event was lost");
         }
@@ -237,7 +220,6 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
     let sink = EventSink {
         tx,
         store: store.clone(),
-        scrub: None,
     };
     let (stored, _) = broadcast::channel(4096);
     let out = stored.clone();
