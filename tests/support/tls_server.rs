@@ -137,8 +137,8 @@ impl TestCa {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let now = time::OffsetDateTime::now_utc();
         if kind == CertKind::Expired {
-            params.not_before = time::macros::datetime!(2020-01-01 0:00 UTC);
-            params.not_after = time::macros::datetime!(2021-01-01 0:00 UTC);
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
         } else {
             params.not_before = now - time::Duration::days(1);
             params.not_after = now + time::Duration::days(30);
