@@ -749,4 +749,11 @@ fn websocket_over_tls_is_carried_and_recorded() {
     assert_eq!(e["http"]["upgrade"], "websocket");
     assert_eq!(e["http"]["scheme"], "https");
     assert_eq!(e["tls"]["sni"], "api.test");
+    // The connection ends when the WebSocket does, its frames counted.
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    assert!(
+        conns[0]["bytes_out"].as_u64().unwrap() > 100_000,
+        "{:#}",
+        conns[0]
+    );
 }

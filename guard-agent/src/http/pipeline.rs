@@ -56,15 +56,28 @@ pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>) -> Result<(), String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Upgraded streams (WebSocket) outlive the HTTP connection future: wait
+    // for them, so the connection ends (and is counted) when they do.
+    let upgrades: Upgrades = Arc::default();
+    let tasks = Arc::clone(&upgrades);
     let svc = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
-        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+        let tasks = Arc::clone(&tasks);
+        async move { Ok::<_, Infallible>(handle(req, ctx, tasks).await) }
     });
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let res = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
+    for t in pending {
+        let _ = t.await;
+    }
+    res
 }
+
+/// The tasks carrying upgraded streams of one connection.
+type Upgrades = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
 fn host_of(req: &Request<Incoming>, ctx: &ConnContext) -> String {
     let from_uri = req.uri().host().map(str::to_owned);
@@ -137,7 +150,11 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeBody> {
+async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnContext>,
+    upgrades: Upgrades,
+) -> Response<PipeBody> {
     let started = Instant::now();
     let mut ev = ctx.template.clone();
     ev.kind = EventKind::Http;
@@ -337,13 +354,17 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.to_ascii_lowercase());
             let upstream_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
                     let _ =
                         tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
                             .await;
                 }
             });
+            upgrades
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
         }
     }
     rec.response_headers =
