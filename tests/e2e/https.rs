@@ -539,6 +539,7 @@ fn a_hundred_mib_upload_and_download_over_tls_arrive_intact_in_bounded_memory() 
     // The agent streamed rather than buffered: its peak RSS stays far
     // below the 200 MiB it carried.
     let hwm_kib = agent.proc_status_kib("VmHWM");
+    eprintln!("agent VmHWM after 2 x 100 MiB: {} MiB", hwm_kib / 1024);
     assert!(
         hwm_kib < 300 * 1024,
         "agent peak RSS {} MiB for two 100 MiB transfers",

@@ -8,7 +8,15 @@
 //! holds went through masking first (header credentials fingerprinted,
 //! excerpts masked, findings carry masks only).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -296,6 +304,8 @@ async fn handle(
             return json_response(StatusCode::BAD_GATEWAY, body);
         }
     };
+    // Bytes of a request body beyond the inspection limit, streamed on.
+    let streamed = Arc::new(AtomicU64::new(0));
     let out_body = match (masking, rest) {
         (true, rest) => {
             apply_masks(&ctx.inspector, &mut parts, &inspection);
@@ -305,7 +315,7 @@ async fn handle(
                 .map(Bytes::from)
                 .unwrap_or(body_bytes);
             match rest {
-                Some(rest) => chain(b, rest),
+                Some(rest) => chain(b, rest, Arc::clone(&streamed)),
                 None => {
                     parts
                         .headers
@@ -314,7 +324,7 @@ async fn handle(
                 }
             }
         }
-        (false, Some(rest)) => chain(body_bytes, rest),
+        (false, Some(rest)) => chain(body_bytes, rest, Arc::clone(&streamed)),
         (false, None) => full(body_bytes),
     };
     let client_upgrade = if is_upgrade {
@@ -382,6 +392,7 @@ async fn handle(
         EXCERPT_BYTES + 512,
         Box::new(move |bytes, head, error| {
             rec.response_bytes = bytes;
+            rec.request_bytes += streamed.load(Ordering::Relaxed);
             rec.total_ms = Some(ms(started));
             rec.response_excerpt = ctx2.inspector.excerpt(&head);
             if error.is_some() && ev.error.is_none() {
