@@ -178,13 +178,7 @@ pub struct TlsServer {
 }
 
 /// Names every valid test server certificate covers.
-pub const TEST_NAMES: &[&str] = &[
-    "api.test",
-    "*.pinned.test",
-    "localhost",
-    "127.0.0.2",
-    "::1",
-];
+pub const TEST_NAMES: &[&str] = &["api.test", "*.pinned.test", "localhost", "127.0.0.2", "::1"];
 
 impl TlsServer {
     /// An HTTPS server with a certificate of `kind` from `ca` for
@@ -297,21 +291,21 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     })
 }
 
-async fn handle(req: Request<Incoming>, st: Arc<State>, alpn: Option<String>) -> Response<RespBody> {
+async fn handle(
+    req: Request<Incoming>,
+    st: Arc<State>,
+    alpn: Option<String>,
+) -> Response<RespBody> {
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let version = format!("{:?}", req.version());
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
+    let host = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    });
 
     if path == "/ws" {
         return websocket(req);
