@@ -772,3 +772,58 @@ fn websocket_over_tls_is_carried_and_recorded() {
         conns[0]
     );
 }
+
+#[test]
+fn https_to_an_ip_literal_without_sni_and_over_ipv6_is_terminated_and_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let v4 = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let v6 = TlsServer::start("[::1]:0".parse().unwrap(), &ca, CertKind::Valid);
+    let cg = TestCgroup::new("https-ip");
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into(), "::1/128".into()],
+        extra_args: vec![
+            "--upstream-root".into(),
+            ca.pem_path().to_str().unwrap().into(),
+        ],
+        ..Default::default()
+    });
+
+    // No SNI: the agent verifies the upstream by IP and mints a leaf for it.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        &format!("https://127.0.0.2:{}/by-ip", v4.port()),
+    ]));
+    assert_eq!(json_of(&out)["path"], "/by-ip");
+    let dst = v4.addr.to_string();
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    let e = by_path(&ev, "/by-ip");
+    assert_eq!(e["http"]["status"], 200);
+    assert_eq!(e["http"]["host"], "127.0.0.2");
+    assert!(e["tls"]["sni"].is_null(), "{e:#}");
+
+    // IPv6, with a name.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2",
+        "--resolve",
+        &format!("api.test:{}:[::1]", v6.port()),
+        &format!("https://api.test:{}/over-v6", v6.port()),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/over-v6");
+    assert_eq!(body["alpn"], "h2");
+    let dst = v6.addr.to_string();
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    let e = by_path(&ev, "/over-v6");
+    assert_eq!(e["http"]["status"], 200);
+    assert_eq!(e["http"]["host"], "api.test");
+    assert_eq!(e["tls"]["sni"], "api.test");
+    assert_eq!(e["tls"]["alpn"], "h2");
+    assert_eq!(str_field(e, "dst"), dst);
+}
