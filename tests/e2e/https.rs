@@ -827,3 +827,53 @@ fn https_to_an_ip_literal_without_sni_and_over_ipv6_is_terminated_and_recorded()
     assert_eq!(e["tls"]["alpn"], "h2");
     assert_eq!(str_field(e, "dst"), dst);
 }
+
+#[test]
+fn keep_alive_requests_on_one_http1_connection_are_each_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-keepalive");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    let urls: Vec<String> = (1..=3)
+        .map(|i| format!("https://api.test:{port}/ka/{i}"))
+        .collect();
+    let mut cmd = agent.exec("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http1.1",
+        "--resolve",
+        &resolve("api.test", port),
+        "-w",
+        "\n",
+    ])
+    .args(&urls);
+    let out = run_ok(&mut cmd);
+    let bodies: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(bodies.len(), 3);
+    for (i, b) in bodies.iter().enumerate() {
+        assert_eq!(b["path"], format!("/ka/{}", i + 1));
+    }
+
+    let dst = server.addr.to_string();
+    let events = agent.wait_events(&["--http", "--dest", &dst], 3);
+    let conn_ids: BTreeSet<u64> = events
+        .iter()
+        .map(|e| e["conn_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(conn_ids.len(), 1, "curl reused its connection: {events:#?}");
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    assert_eq!(
+        server.connections(),
+        1,
+        "the upstream connection was kept too"
+    );
+}
