@@ -298,6 +298,8 @@ fn a_client_that_does_not_trust_the_guard_ca_fails_and_the_event_says_why() {
     );
     assert!(why.contains("Guard CA"), "{c:#}");
     assert_eq!(str_field(c, "host"), "api.test", "the SNI is recorded");
+    assert_eq!(c["tls"]["sni"], "api.test", "{c:#}");
+    assert_eq!(c["tls"]["passthrough"], false);
     assert!(agent.events(&["--http", "--dest", &dst]).is_empty());
     assert!(server.requests().is_empty(), "no request left the agent");
 }
