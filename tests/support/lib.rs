@@ -7,6 +7,7 @@
 //! ::1. Without root it fails loudly; it never skips.
 
 pub mod servers;
+pub mod tls_server;
 
 use std::{
     io::{BufRead, BufReader},
@@ -285,6 +286,36 @@ impl Agent {
             .success()
             .then(|| serde_json::from_slice(&out.stdout).ok())
             .flatten()
+    }
+
+    /// A command run through `guard-agent exec` (a fresh monitored cgroup
+    /// below the exec cgroup, with the CA bundle environment).
+    pub fn exec(&self, program: &str) -> Command {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("exec")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// The Guard CA certificate (PEM) of this agent.
+    pub fn ca_pem_path(&self) -> PathBuf {
+        self.state_dir.join("ca").join("guard-ca.crt")
+    }
+
+    /// A field of `/proc/<agent pid>/status` in KiB (e.g. "VmHWM", "VmRSS").
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("agent /proc status");
+        status
+            .lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+                rest.trim().trim_end_matches("kB").trim().parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
     }
 
     /// `guard-agent status --json`.

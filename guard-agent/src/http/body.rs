@@ -5,6 +5,10 @@
 
 use std::{
     pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
 };
 
@@ -48,11 +52,13 @@ pub async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<Buffered, 
     Ok(Buffered::Complete(buf.freeze()))
 }
 
-/// `head` followed by the rest of a streaming body.
-pub fn chain(head: Bytes, rest: Incoming) -> PipeBody {
+/// `head` followed by the rest of a streaming body; `streamed` counts the
+/// bytes of the rest as they pass.
+pub fn chain(head: Bytes, rest: Incoming, streamed: Arc<AtomicU64>) -> PipeBody {
     ChainBody {
         head: Some(head),
         rest,
+        streamed,
     }
     .boxed_unsync()
 }
@@ -60,6 +66,7 @@ pub fn chain(head: Bytes, rest: Incoming) -> PipeBody {
 struct ChainBody {
     head: Option<Bytes>,
     rest: Incoming,
+    streamed: Arc<AtomicU64>,
 }
 
 impl Body for ChainBody {
@@ -73,9 +80,13 @@ impl Body for ChainBody {
         if let Some(h) = self.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(h))));
         }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+        let polled = Pin::new(&mut self.rest).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                self.streamed.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -8,7 +8,15 @@
 //! holds went through masking first (header credentials fingerprinted,
 //! excerpts masked, findings carry masks only).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -56,15 +64,28 @@ pub async fn serve<IO>(io: IO, ctx: Arc<ConnContext>) -> Result<(), String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Upgraded streams (WebSocket) outlive the HTTP connection future: wait
+    // for them, so the connection ends (and is counted) when they do.
+    let upgrades: Upgrades = Arc::default();
+    let tasks = Arc::clone(&upgrades);
     let svc = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
-        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+        let tasks = Arc::clone(&tasks);
+        async move { Ok::<_, Infallible>(handle(req, ctx, tasks).await) }
     });
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let res = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
+    for t in pending {
+        let _ = t.await;
+    }
+    res
 }
+
+/// The tasks carrying upgraded streams of one connection.
+type Upgrades = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
 fn host_of(req: &Request<Incoming>, ctx: &ConnContext) -> String {
     let from_uri = req.uri().host().map(str::to_owned);
@@ -137,7 +158,11 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeBody> {
+async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnContext>,
+    upgrades: Upgrades,
+) -> Response<PipeBody> {
     let started = Instant::now();
     let mut ev = ctx.template.clone();
     ev.kind = EventKind::Http;
@@ -279,6 +304,8 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
             return json_response(StatusCode::BAD_GATEWAY, body);
         }
     };
+    // Bytes of a request body beyond the inspection limit, streamed on.
+    let streamed = Arc::new(AtomicU64::new(0));
     let out_body = match (masking, rest) {
         (true, rest) => {
             apply_masks(&ctx.inspector, &mut parts, &inspection);
@@ -288,7 +315,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
                 .map(Bytes::from)
                 .unwrap_or(body_bytes);
             match rest {
-                Some(rest) => chain(b, rest),
+                Some(rest) => chain(b, rest, Arc::clone(&streamed)),
                 None => {
                     parts
                         .headers
@@ -297,7 +324,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
                 }
             }
         }
-        (false, Some(rest)) => chain(body_bytes, rest),
+        (false, Some(rest)) => chain(body_bytes, rest, Arc::clone(&streamed)),
         (false, None) => full(body_bytes),
     };
     let client_upgrade = if is_upgrade {
@@ -337,13 +364,17 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.to_ascii_lowercase());
             let upstream_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
                     let _ =
                         tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
                             .await;
                 }
             });
+            upgrades
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
         }
     }
     rec.response_headers =
@@ -361,6 +392,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Response<PipeB
         EXCERPT_BYTES + 512,
         Box::new(move |bytes, head, error| {
             rec.response_bytes = bytes;
+            rec.request_bytes += streamed.load(Ordering::Relaxed);
             rec.total_ms = Some(ms(started));
             rec.response_excerpt = ctx2.inspector.excerpt(&head);
             if error.is_some() && ev.error.is_none() {

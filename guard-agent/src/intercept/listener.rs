@@ -438,6 +438,11 @@ async fn inspect_tls(
         Ok(t) => t,
         Err(e) => {
             ev.verdict = Verdict::Error;
+            ev.tls = Some(TlsRecord {
+                sni: hello.sni.clone(),
+                upstream_alpn: upstream.as_ref().ok().and_then(|u| u.alpn.clone()),
+                ..Default::default()
+            });
             return Some(format!(
                 "the client rejected the TLS handshake: {} (does it trust the Guard CA? `guard-agent ca export`)",
                 describe_io_error(&e)

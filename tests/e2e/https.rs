@@ -1,0 +1,881 @@
+//! TLS termination and per-request records, end to end: real clients (curl,
+//! python3, node) in monitored cgroups, a TLS test server of the test's own
+//! on 127.0.0.2 with certificates from a test CA the agent is told to trust
+//! (`--upstream-root`), and the events read back through `guard-agent events`.
+
+use std::{collections::BTreeSet, process::Output};
+
+use guard_harness::{
+    external_v4, require_root, run_ok,
+    servers::{pattern_block, pattern_sha256},
+    tls_server::{CertKind, TestCa, TlsServer},
+    Agent, AgentOptions, TestCgroup,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// An agent monitoring `cg`, intercepting 127.0.0.2, trusting `ca` upstream.
+fn agent_for(cg: &TestCgroup, ca: &TestCa, extra: &[&str]) -> Agent {
+    let mut extra_args = vec![
+        "--upstream-root".to_owned(),
+        ca.pem_path().to_str().unwrap().to_owned(),
+    ];
+    extra_args.extend(extra.iter().map(|s| s.to_string()));
+    Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into()],
+        extra_args,
+        ..Default::default()
+    })
+}
+
+fn str_field<'a>(e: &'a Value, k: &str) -> &'a str {
+    e[k].as_str()
+        .unwrap_or_else(|| panic!("field {k} missing in {e:#}"))
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn header<'a>(list: &'a Value, name: &str) -> Option<&'a str> {
+    list.as_array()?
+        .iter()
+        .find(|kv| kv[0].as_str() == Some(name))
+        .and_then(|kv| kv[1].as_str())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn resolve(name: &str, port: u16) -> String {
+    format!("{name}:{port}:127.0.0.2")
+}
+
+/// The http event whose path is `path`.
+fn by_path<'a>(events: &'a [Value], path: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|e| e["http"]["path"] == path)
+        .unwrap_or_else(|| panic!("no http event for {path}: {events:#?}"))
+}
+
+#[test]
+fn curl_over_http1_and_http2_through_exec_is_terminated_forwarded_and_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-curl");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    // HTTP/1.1, a GET with a query and a header.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http1.1",
+        "--resolve",
+        &resolve("api.test", port),
+        "-H",
+        "X-Test: one",
+        &format!("https://api.test:{port}/v1/items?page=2"),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["method"], "GET");
+    assert_eq!(body["path"], "/v1/items");
+    assert_eq!(body["query"], "page=2");
+    assert_eq!(body["version"], "HTTP/1.1");
+    assert_eq!(
+        body["alpn"], "http/1.1",
+        "the agent offered the client's ALPN upstream"
+    );
+    assert_eq!(body["host"], format!("api.test:{port}"));
+
+    // HTTP/2, a POST with a body.
+    let payload = "name=ada&note=hello over h2";
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2",
+        "--resolve",
+        &resolve("api.test", port),
+        "-d",
+        payload,
+        &format!("https://api.test:{port}/v2/submit"),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["method"], "POST");
+    assert_eq!(body["path"], "/v2/submit");
+    assert_eq!(body["version"], "HTTP/2.0");
+    assert_eq!(body["alpn"], "h2");
+    assert_eq!(body["body_len"], payload.len());
+    assert_eq!(body["body_sha256"], sha256_hex(payload.as_bytes()));
+
+    let dst = server.addr.to_string();
+    let events = agent.wait_events(&["--http", "--dest", &dst], 2);
+    assert_eq!(events.len(), 2, "{events:#?}");
+
+    let h1 = by_path(&events, "/v1/items");
+    assert_eq!(str_field(h1, "kind"), "http");
+    assert_eq!(h1["http"]["method"], "GET");
+    assert_eq!(h1["http"]["scheme"], "https");
+    assert_eq!(h1["http"]["host"], "api.test");
+    assert_eq!(h1["http"]["query"], "page=2");
+    assert_eq!(h1["http"]["status"], 200);
+    assert_eq!(h1["http"]["version"], "HTTP/1.1");
+    assert_eq!(
+        header(&h1["http"]["request_headers"], "x-test"),
+        Some("one")
+    );
+    assert_eq!(
+        header(&h1["http"]["response_headers"], "x-test-server"),
+        Some("tls")
+    );
+    assert!(h1["http"]["response_bytes"].as_u64().unwrap() > 0, "{h1:#}");
+    assert_eq!(h1["tls"]["sni"], "api.test");
+    assert_eq!(h1["tls"]["alpn"], "http/1.1");
+    assert_eq!(h1["tls"]["upstream_alpn"], "http/1.1");
+    assert_eq!(h1["tls"]["passthrough"], false);
+    assert_eq!(str_field(h1, "verdict"), "allow");
+
+    let h2 = by_path(&events, "/v2/submit");
+    assert_eq!(h2["http"]["method"], "POST");
+    assert_eq!(h2["http"]["host"], "api.test");
+    assert_eq!(h2["http"]["status"], 200);
+    assert_eq!(h2["http"]["version"], "HTTP/2");
+    assert_eq!(h2["http"]["request_bytes"], payload.len());
+    assert_eq!(h2["tls"]["sni"], "api.test");
+    assert_eq!(h2["tls"]["alpn"], "h2");
+    assert_eq!(h2["tls"]["upstream_alpn"], "h2");
+    assert!(h2["tls"]["version"].as_str().unwrap().starts_with("TLSv1_"));
+
+    for e in [h1, h2] {
+        assert_eq!(str_field(e, "exe"), "/usr/bin/curl");
+        assert_eq!(str_field(e, "user"), "root");
+        assert_eq!(e["uid"], 0);
+        assert_eq!(str_field(e, "dst"), dst);
+        assert!(str_field(e, "cgroup").contains("/exec/exec-"), "{e:#}");
+        assert!(str_field(e, "cmdline").contains("api.test"), "{e:#}");
+    }
+
+    // The two connections are recorded too, with the TLS parameters, and
+    // each request links to its connection.
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 2);
+    for e in [h1, h2] {
+        let c = conns
+            .iter()
+            .find(|c| c["conn_id"] == e["conn_id"])
+            .unwrap_or_else(|| panic!("no connection for {e:#}: {conns:#?}"));
+        assert_eq!(c["tls"]["sni"], "api.test");
+        assert_eq!(str_field(c, "host"), "api.test");
+        assert_eq!(str_field(c, "verdict"), "allow");
+        assert!(c["error"].is_null(), "{c:#}");
+    }
+    assert_eq!(server.requests().len(), 2);
+}
+
+const PY_RESOLVE: &str = r#"
+import socket
+_orig = socket.getaddrinfo
+def _ga(host, *a, **k):
+    return _orig('127.0.0.2' if host == 'api.test' else host, *a, **k)
+socket.getaddrinfo = _ga
+"#;
+
+#[test]
+fn python_urllib_and_node_fetch_through_exec_trust_the_bundle_and_are_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-langs");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    let py = format!(
+        "{PY_RESOLVE}
+import urllib.request
+req = urllib.request.Request('https://api.test:{port}/py/upload', data=b'p' * 5000, method='POST')
+print(urllib.request.urlopen(req, timeout=20).read().decode())
+"
+    );
+    let out = run_ok(agent.exec("python3").args(["-c", &py]));
+    let body = json_of(&out);
+    assert_eq!(body["method"], "POST");
+    assert_eq!(body["path"], "/py/upload");
+    assert_eq!(body["body_len"], 5000);
+    assert_eq!(body["body_sha256"], sha256_hex(&[b'p'; 5000]));
+
+    // node 20's fetch (undici) resolves through dns.lookup; NODE_EXTRA_CA_CERTS
+    // from exec makes it trust the Guard CA.
+    let js = format!(
+        "const dns = require('dns');
+const orig = dns.lookup;
+dns.lookup = (h, o, cb) => orig(h === 'api.test' ? '127.0.0.2' : h, o, cb);
+fetch('https://api.test:{port}/node/get?lang=js', {{ headers: {{ 'x-client': 'node' }} }})
+  .then(r => r.text())
+  .then(t => console.log(t))
+  .catch(e => {{ console.error(e, e.cause); process.exit(1); }});"
+    );
+    let out = run_ok(agent.exec("node").args(["-e", &js]));
+    let body = json_of(&out);
+    assert_eq!(body["method"], "GET");
+    assert_eq!(body["path"], "/node/get");
+    assert_eq!(body["query"], "lang=js");
+
+    let dst = server.addr.to_string();
+    let events = agent.wait_events(&["--http", "--dest", &dst], 2);
+    let py_ev = by_path(&events, "/py/upload");
+    assert!(str_field(py_ev, "exe").contains("python3"), "{py_ev:#}");
+    assert_eq!(py_ev["http"]["method"], "POST");
+    assert_eq!(py_ev["http"]["status"], 200);
+    assert_eq!(py_ev["http"]["request_bytes"], 5000);
+    assert_eq!(py_ev["tls"]["sni"], "api.test");
+    let node_ev = by_path(&events, "/node/get");
+    assert!(str_field(node_ev, "exe").contains("node"), "{node_ev:#}");
+    assert_eq!(node_ev["http"]["status"], 200);
+    assert_eq!(node_ev["http"]["host"], "api.test");
+    assert_eq!(
+        header(&node_ev["http"]["request_headers"], "x-client"),
+        Some("node")
+    );
+    assert_eq!(node_ev["tls"]["sni"], "api.test");
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_guard_ca_fails_and_the_event_says_why() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-untrusted");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    // Straight in the cgroup, without the bundle: system roots only.
+    let out = cg
+        .command("curl")
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("CURL_CA_BUNDLE")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--resolve",
+            &resolve("api.test", port),
+            &format!("https://api.test:{port}/secret"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(60),
+        "curl must fail certificate verification: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+
+    let dst = server.addr.to_string();
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    let c = &conns[0];
+    assert_eq!(str_field(c, "exe"), "/usr/bin/curl");
+    assert_eq!(str_field(c, "verdict"), "error");
+    let why = str_field(c, "error");
+    assert!(
+        why.contains("the client rejected the TLS handshake"),
+        "{c:#}"
+    );
+    assert!(why.contains("Guard CA"), "{c:#}");
+    assert_eq!(str_field(c, "host"), "api.test", "the SNI is recorded");
+    assert_eq!(c["tls"]["sni"], "api.test", "{c:#}");
+    assert_eq!(c["tls"]["passthrough"], false);
+    assert!(agent.events(&["--http", "--dest", &dst]).is_empty());
+    assert!(server.requests().is_empty(), "no request left the agent");
+}
+
+#[test]
+fn an_upstream_with_an_invalid_certificate_gives_the_client_a_502_that_names_the_problem() {
+    require_root();
+    let ca = TestCa::new();
+    let expired = TlsServer::start(external_v4(0), &ca, CertKind::Expired);
+    let wrong = TlsServer::start(external_v4(0), &ca, CertKind::WrongName);
+    let cg = TestCgroup::new("https-badcert");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    for (server, path, problem) in [
+        (&expired, "/expired", "certificate has expired"),
+        (
+            &wrong,
+            "/wrong-name",
+            "certificate is not valid for name api.test",
+        ),
+    ] {
+        let port = server.port();
+        let out = run_ok(agent.exec("curl").args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--resolve",
+            &resolve("api.test", port),
+            "-w",
+            "\n%{http_code}",
+            &format!("https://api.test:{port}{path}"),
+        ]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        assert_eq!(code, "502", "{text}");
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], "upstream TLS failed", "{body:#}");
+        assert!(
+            body["problem"].as_str().unwrap().contains(problem),
+            "{body:#}"
+        );
+
+        let dst = server.addr.to_string();
+        let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+        let e = by_path(&ev, path);
+        assert_eq!(e["http"]["status"], 502);
+        assert_eq!(str_field(e, "verdict"), "error");
+        assert!(str_field(e, "error").contains(problem), "{e:#}");
+        assert_eq!(body["event_id"], e["id"]);
+        let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+        assert!(
+            str_field(&conns[0], "error").contains(problem),
+            "{:#}",
+            conns[0]
+        );
+        assert!(server.requests().is_empty(), "nothing reached {path}");
+    }
+}
+
+#[test]
+fn passthrough_snis_are_spliced_with_the_clients_own_handshake() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-passthrough");
+    let agent = agent_for(&cg, &ca, &["--tls-passthrough", "*.pinned.test"]);
+
+    // The client trusts only the test CA: it works only if it talks to the
+    // test server's own certificate.
+    let out = run_ok(cg.command("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--cacert",
+        ca.pem_path().to_str().unwrap(),
+        "--resolve",
+        &resolve("bank.pinned.test", port),
+        &format!("https://bank.pinned.test:{port}/pinned"),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/pinned");
+    assert_eq!(body["alpn"], "h2", "curl's own ALPN reached the server");
+
+    let dst = server.addr.to_string();
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    let c = &conns[0];
+    assert_eq!(c["tls"]["passthrough"], true, "{c:#}");
+    assert_eq!(c["tls"]["sni"], "bank.pinned.test");
+    assert_eq!(str_field(c, "host"), "bank.pinned.test");
+    assert_eq!(str_field(c, "verdict"), "allow");
+    assert!(c["bytes_out"].as_u64().unwrap() > 0);
+    assert!(c["bytes_in"].as_u64().unwrap() > 0);
+    assert!(agent.events(&["--http", "--dest", &dst]).is_empty());
+
+    // A name outside the glob on the same server is terminated: the test
+    // CA alone no longer verifies it.
+    let out = cg
+        .command("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            ca.pem_path().to_str().unwrap(),
+            "--resolve",
+            &resolve("api.test", port),
+            &format!("https://api.test:{port}/not-pinned"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(60), "{out:?}");
+}
+
+#[test]
+fn a_hundred_concurrent_http2_streams_on_one_connection_arrive_intact() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-h2");
+    let agent = agent_for(&cg, &ca, &[]);
+    let dir = tempfile::tempdir().unwrap();
+
+    run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "60",
+        "--http2",
+        "--parallel",
+        "--parallel-max",
+        "100",
+        "--resolve",
+        &resolve("api.test", port),
+        &format!("https://api.test:{port}/stream/[1-100]"),
+        "-o",
+        &format!("{}/#1.json", dir.path().display()),
+    ]));
+    for i in 1..=100 {
+        let text = std::fs::read(dir.path().join(format!("{i}.json"))).unwrap();
+        let body: Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(body["path"], format!("/stream/{i}"));
+        assert_eq!(body["version"], "HTTP/2.0");
+    }
+
+    let dst = server.addr.to_string();
+    let events = agent.wait_events(&["--http", "--dest", &dst], 100);
+    assert_eq!(events.len(), 100);
+    let paths: BTreeSet<&str> = events
+        .iter()
+        .map(|e| e["http"]["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths.len(), 100);
+    let conn_ids: BTreeSet<u64> = events
+        .iter()
+        .map(|e| e["conn_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(conn_ids.len(), 1, "one client connection carried them all");
+    for e in &events {
+        assert_eq!(e["http"]["status"], 200, "{e:#}");
+        assert_eq!(e["http"]["version"], "HTTP/2");
+        assert_eq!(e["tls"]["alpn"], "h2");
+    }
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    assert_eq!(server.requests().len(), 100);
+    assert_eq!(
+        server.connections(),
+        1,
+        "the agent multiplexed them on one upstream connection"
+    );
+}
+
+const HUNDRED_MIB: u64 = 100 << 20;
+
+#[test]
+fn a_hundred_mib_upload_and_download_over_tls_arrive_intact_in_bounded_memory() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-large");
+    let agent = agent_for(&cg, &ca, &[]);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The upload: 100 MiB of the pattern, streamed by curl from a file.
+    let upload = dir.path().join("upload.bin");
+    {
+        let block = pattern_block();
+        let mut f = std::fs::File::create(&upload).unwrap();
+        for _ in 0..(HUNDRED_MIB / block.len() as u64) {
+            std::io::Write::write_all(&mut f, &block).unwrap();
+        }
+    }
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "300",
+        "--http1.1",
+        "--resolve",
+        &resolve("api.test", port),
+        "-H",
+        "Content-Type: application/octet-stream",
+        "-X",
+        "POST",
+        "-T",
+        upload.to_str().unwrap(),
+        &format!("https://api.test:{port}/upload"),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["body_len"], HUNDRED_MIB);
+    assert_eq!(body["body_sha256"], pattern_sha256(HUNDRED_MIB));
+    std::fs::remove_file(&upload).unwrap();
+
+    // The download, over HTTP/2.
+    let download = dir.path().join("download.bin");
+    run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "300",
+        "--http2",
+        "--resolve",
+        &resolve("api.test", port),
+        "-o",
+        download.to_str().unwrap(),
+        &format!("https://api.test:{port}/download?bytes={HUNDRED_MIB}"),
+    ]));
+    let got = std::fs::read(&download).unwrap();
+    assert_eq!(got.len() as u64, HUNDRED_MIB);
+    assert_eq!(sha256_hex(&got), pattern_sha256(HUNDRED_MIB));
+    drop(got);
+
+    let dst = server.addr.to_string();
+    let events = agent.wait_events(&["--http", "--dest", &dst], 2);
+    let up = by_path(&events, "/upload");
+    assert_eq!(up["http"]["status"], 200);
+    assert_eq!(up["http"]["request_bytes"], HUNDRED_MIB, "{up:#}");
+    let down = by_path(&events, "/download");
+    assert_eq!(down["http"]["status"], 200);
+    assert_eq!(down["http"]["response_bytes"], HUNDRED_MIB, "{down:#}");
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 2);
+    assert!(conns
+        .iter()
+        .any(|c| c["bytes_out"].as_u64().unwrap() > HUNDRED_MIB));
+    assert!(conns
+        .iter()
+        .any(|c| c["bytes_in"].as_u64().unwrap() > HUNDRED_MIB));
+
+    // The agent streamed rather than buffered: its peak RSS stays far
+    // below the 200 MiB it carried.
+    let hwm_kib = agent.proc_status_kib("VmHWM");
+    eprintln!("agent VmHWM after 2 x 100 MiB: {} MiB", hwm_kib / 1024);
+    assert!(
+        hwm_kib < 300 * 1024,
+        "agent peak RSS {} MiB for two 100 MiB transfers",
+        hwm_kib / 1024
+    );
+}
+
+#[test]
+fn a_malformed_client_hello_and_random_bytes_close_that_connection_only() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-garbage");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    let py = format!(
+        r#"
+import socket, sys
+def attempt(payload):
+    s = socket.create_connection(('127.0.0.2', {port}), timeout=20)
+    s.sendall(payload)
+    n = 0
+    try:
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            n += len(d)
+    except ConnectionResetError:
+        print('reset')
+        return
+    except socket.timeout:
+        print('still open')
+        sys.exit(1)
+    print('closed', n)
+# A TLS handshake record that claims to be a ClientHello, then garbage.
+attempt(b'\x16\x03\x01\x00\x10' + b'\x01\x00\x00\x0c' + b'garbage-garb')
+# Bytes that are no protocol at all.
+attempt(bytes([0, 0xff, 0x13, 0x37]) + bytes(range(60)))
+"#
+    );
+    let out = run_ok(cg.command("python3").args(["-c", &py]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "reset", "the agent resets a malformed hello");
+
+    let dst = server.addr.to_string();
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 2);
+    let bad = conns
+        .iter()
+        .find(|c| {
+            c["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("malformed TLS ClientHello"))
+        })
+        .unwrap_or_else(|| panic!("no malformed-hello event: {conns:#?}"));
+    assert_eq!(str_field(bad, "verdict"), "error");
+    assert!(str_field(bad, "exe").contains("python3"));
+    // The random bytes were spliced to the server (which closed on them).
+    let opaque = conns
+        .iter()
+        .find(|c| c["bytes_out"] == 64)
+        .unwrap_or_else(|| panic!("no event for the random bytes: {conns:#?}"));
+    assert!(opaque["tls"].is_null(), "{opaque:#}");
+    assert!(agent.events(&["--http", "--dest", &dst]).is_empty());
+
+    // The agent carries on: a normal request right after works.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--resolve",
+        &resolve("api.test", port),
+        &format!("https://api.test:{port}/after"),
+    ]));
+    assert_eq!(json_of(&out)["path"], "/after");
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    assert_eq!(by_path(&ev, "/after")["http"]["status"], 200);
+}
+
+const PY_WEBSOCKET: &str = r#"
+import base64, hashlib, os, socket, sys
+host, port, tls = sys.argv[1], int(sys.argv[2]), sys.argv[3] == 'tls'
+s = socket.create_connection(('127.0.0.2', port), timeout=20)
+if tls:
+    import ssl
+    s = ssl.create_default_context().wrap_socket(s, server_hostname=host)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall((f'GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n'
+           f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
+           'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+buf = b''
+while b'\r\n\r\n' not in buf:
+    d = s.recv(4096)
+    if not d:
+        sys.exit('closed during the handshake: %r' % buf)
+    buf += d
+head, buf = buf.split(b'\r\n\r\n', 1)
+print(head.split(b'\r\n')[0].decode())
+accept = base64.b64encode(hashlib.sha1((key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').encode()).digest())
+assert accept in head, head
+def need(n):
+    global buf
+    while len(buf) < n:
+        d = s.recv(65536)
+        if not d:
+            sys.exit('closed mid-frame')
+        buf += d
+    out, buf = buf[:n], buf[n:]
+    return out
+def send(op, payload):
+    mask = os.urandom(4)
+    n = len(payload)
+    hdr = bytes([0x80 | op])
+    if n < 126:
+        hdr += bytes([0x80 | n])
+    elif n < 65536:
+        hdr += bytes([0x80 | 126]) + n.to_bytes(2, 'big')
+    else:
+        hdr += bytes([0x80 | 127]) + n.to_bytes(8, 'big')
+    s.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+def recv():
+    b0, b1 = need(2)
+    n = b1 & 0x7f
+    if n == 126:
+        n = int.from_bytes(need(2), 'big')
+    elif n == 127:
+        n = int.from_bytes(need(8), 'big')
+    return b0 & 0x0f, need(n)
+send(1, b'hello websocket')
+op, p = recv()
+print('echo', op, p.decode())
+big = os.urandom(100000)
+send(2, big)
+op, p = recv()
+print('big', op, p == big)
+send(8, b'\x03\xe8')
+op, p = recv()
+print('close', op)
+"#;
+
+#[test]
+fn websocket_upgrades_are_carried_and_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let plain = TlsServer::start_plain(external_v4(0));
+    let cg = TestCgroup::new("https-ws");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    let out = run_ok(cg.command("python3").args([
+        "-c",
+        PY_WEBSOCKET,
+        "127.0.0.2",
+        &plain.port().to_string(),
+        "plain",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "HTTP/1.1 101 Switching Protocols",
+            "echo 1 hello websocket",
+            "big 2 True",
+            "close 8"
+        ],
+        "{text}"
+    );
+
+    let dst = plain.addr.to_string();
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    let e = by_path(&ev, "/ws");
+    assert_eq!(e["http"]["status"], 101);
+    assert_eq!(e["http"]["upgrade"], "websocket");
+    assert_eq!(e["http"]["scheme"], "http");
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    assert!(
+        conns[0]["bytes_out"].as_u64().unwrap() > 100_000,
+        "{:#}",
+        conns[0]
+    );
+    assert!(conns[0]["bytes_in"].as_u64().unwrap() > 100_000);
+}
+
+#[test]
+fn websocket_over_tls_is_carried_and_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let cg = TestCgroup::new("https-wss");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    // Python's ssl offers no ALPN here: the agent speaks HTTP/1.1 both ways.
+    let out = run_ok(agent.exec("python3").args([
+        "-c",
+        PY_WEBSOCKET,
+        "api.test",
+        &server.port().to_string(),
+        "tls",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("echo 1 hello websocket"), "{text}");
+    assert!(text.contains("big 2 True"), "{text}");
+    assert!(text.contains("close 8"), "{text}");
+
+    let dst = server.addr.to_string();
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    let e = by_path(&ev, "/ws");
+    assert_eq!(e["http"]["status"], 101);
+    assert_eq!(e["http"]["upgrade"], "websocket");
+    assert_eq!(e["http"]["scheme"], "https");
+    assert_eq!(e["tls"]["sni"], "api.test");
+    // The connection ends when the WebSocket does, its frames counted.
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    assert!(
+        conns[0]["bytes_out"].as_u64().unwrap() > 100_000,
+        "{:#}",
+        conns[0]
+    );
+}
+
+#[test]
+fn https_to_an_ip_literal_without_sni_and_over_ipv6_is_terminated_and_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let v4 = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let v6 = TlsServer::start("[::1]:0".parse().unwrap(), &ca, CertKind::Valid);
+    let cg = TestCgroup::new("https-ip");
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into(), "::1/128".into()],
+        extra_args: vec![
+            "--upstream-root".into(),
+            ca.pem_path().to_str().unwrap().into(),
+        ],
+        ..Default::default()
+    });
+
+    // No SNI: the agent verifies the upstream by IP and mints a leaf for it.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        &format!("https://127.0.0.2:{}/by-ip", v4.port()),
+    ]));
+    assert_eq!(json_of(&out)["path"], "/by-ip");
+    let dst = v4.addr.to_string();
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    let e = by_path(&ev, "/by-ip");
+    assert_eq!(e["http"]["status"], 200);
+    assert_eq!(e["http"]["host"], "127.0.0.2");
+    assert!(e["tls"]["sni"].is_null(), "{e:#}");
+
+    // IPv6, with a name.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2",
+        "--resolve",
+        &format!("api.test:{}:[::1]", v6.port()),
+        &format!("https://api.test:{}/over-v6", v6.port()),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/over-v6");
+    assert_eq!(body["alpn"], "h2");
+    let dst = v6.addr.to_string();
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    let e = by_path(&ev, "/over-v6");
+    assert_eq!(e["http"]["status"], 200);
+    assert_eq!(e["http"]["host"], "api.test");
+    assert_eq!(e["tls"]["sni"], "api.test");
+    assert_eq!(e["tls"]["alpn"], "h2");
+    assert_eq!(str_field(e, "dst"), dst);
+}
+
+#[test]
+fn keep_alive_requests_on_one_http1_connection_are_each_recorded() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("https-keepalive");
+    let agent = agent_for(&cg, &ca, &[]);
+
+    let urls: Vec<String> = (1..=3)
+        .map(|i| format!("https://api.test:{port}/ka/{i}"))
+        .collect();
+    let mut cmd = agent.exec("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http1.1",
+        "--resolve",
+        &resolve("api.test", port),
+        "-w",
+        "\n",
+    ])
+    .args(&urls);
+    let out = run_ok(&mut cmd);
+    let bodies: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(bodies.len(), 3);
+    for (i, b) in bodies.iter().enumerate() {
+        assert_eq!(b["path"], format!("/ka/{}", i + 1));
+    }
+
+    let dst = server.addr.to_string();
+    let events = agent.wait_events(&["--http", "--dest", &dst], 3);
+    let conn_ids: BTreeSet<u64> = events
+        .iter()
+        .map(|e| e["conn_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(conn_ids.len(), 1, "curl reused its connection: {events:#?}");
+    let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    assert_eq!(
+        server.connections(),
+        1,
+        "the upstream connection was kept too"
+    );
+}
