@@ -89,7 +89,39 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("the test suite")?;
     run(cargo().args(["build", "--package", "guard-agent", "--bins"]))?;
-    run(cargo().args(["test", "--workspace"]).args(args))
+    // Stream cargo's output and add one closing line over every test binary
+    // (cargo's own last line is often a doc-test run with nothing in it).
+    let mut child = cargo()
+        .args(["test", "--workspace"])
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    match (n.parse::<u64>(), what) {
+                        (Ok(n), "passed") => passed += n,
+                        (Ok(n), "failed") => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed");
+    if !st.success() {
+        bail!("cargo test failed ({st})");
+    }
+    Ok(())
 }
 
 fn ci() -> anyhow::Result<()> {
