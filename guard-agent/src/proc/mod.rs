@@ -41,7 +41,12 @@ pub struct ProcInfo {
 /// Start time of a process in clock ticks since boot (field 22 of `stat`),
 /// and its parent pid (field 4).
 fn stat_fields(pid: u32) -> Option<(u64, u32)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // One read into a stack buffer: this runs for every connection.
+    let mut buf = [0u8; 1024];
+    let n = fs::File::open(format!("/proc/{pid}/stat"))
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut buf))
+        .ok()?;
+    let stat = std::str::from_utf8(&buf[..n]).ok()?;
     // comm is in parentheses and may contain spaces: split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();

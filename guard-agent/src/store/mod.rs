@@ -30,6 +30,8 @@ use crate::config::Retention;
 
 /// How many events one write batch holds at most.
 const BATCH_MAX: usize = 512;
+/// How long the writer lets events accumulate before a write.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,7 +62,7 @@ impl EventStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
-            .flush_every_ms(Some(200))
+            .flush_every_ms(Some(1000))
             .open()
             .map_err(|source| StoreError::Open {
                 path: path.display().to_string(),
@@ -230,6 +232,18 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
             tokio::select! {
                 n = rx.recv_many(&mut buf, BATCH_MAX) => {
                     if n == 0 { break; }
+                    // Let a burst accumulate: one write (and one wake-up of
+                    // this task) per window instead of one per event keeps
+                    // the store off the data path's CPU under load.
+                    if n < BATCH_MAX {
+                        tokio::time::sleep(BATCH_WINDOW).await;
+                        while buf.len() < BATCH_MAX {
+                            match rx.try_recv() {
+                                Ok(e) => buf.push(e),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     let s = store.clone();
                     let mut batch = std::mem::take(&mut buf);
                     let res = tokio::task::spawn_blocking(move || s.write_batch(&mut batch).map(|_| batch)).await;
