@@ -202,12 +202,14 @@ async fn handle(
     ev.exe = info.exe.clone();
     // The command line comes from the process, not from a request, so the
     // pipeline never masked it (`curl -d card=...`, `--token ghp_...`).
-    ev.cmdline = info.cmdline.as_deref().map(|c| {
-        match ctx.inspect.inspector.mask_for_record(c.as_bytes()) {
-            Some(m) => String::from_utf8_lossy(&m).into_owned(),
-            None => c.to_owned(),
-        }
-    });
+    ev.cmdline = info
+        .masked_cmdline(|c| {
+            ctx.inspect
+                .inspector
+                .mask_for_record(c.as_bytes())
+                .map(|m| String::from_utf8_lossy(&m).into_owned())
+        })
+        .map(str::to_owned);
     ev.ancestors = info.ancestors.clone();
     ev.cgroup = info.cgroup.clone();
     ev.unit = info.unit.clone();

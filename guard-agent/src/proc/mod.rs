@@ -32,10 +32,29 @@ pub struct Ancestor {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProcInfo {
     pub exe: Option<String>,
+    /// The raw command line: callers mask it before recording it (see
+    /// [`ProcInfo::masked_cmdline`]).
     pub cmdline: Option<String>,
     pub ancestors: Vec<Ancestor>,
     pub cgroup: Option<String>,
     pub unit: Option<String>,
+    /// The command line after masking, computed once per process.
+    #[serde(skip)]
+    masked: std::sync::OnceLock<Option<String>>,
+}
+
+impl ProcInfo {
+    /// The command line with `mask` applied (returning `None` when nothing
+    /// needs masking), computed on first use and kept with the cache entry.
+    pub fn masked_cmdline(&self, mask: impl FnOnce(&str) -> Option<String>) -> Option<&str> {
+        self.masked
+            .get_or_init(|| {
+                self.cmdline
+                    .as_deref()
+                    .map(|c| mask(c).unwrap_or_else(|| c.to_owned()))
+            })
+            .as_deref()
+    }
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of `stat`),
@@ -98,6 +117,7 @@ pub fn read_proc(pid: u32) -> ProcInfo {
         ancestors,
         cgroup,
         unit,
+        masked: Default::default(),
     }
 }
 
