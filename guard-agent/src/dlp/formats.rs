@@ -298,32 +298,7 @@ impl Engine {
         let path_end = path_end.min(query_end);
         let mut c = Collector::default();
         let path = &raw[..path_end];
-        if needs_percent_decode(path, false) {
-            let (dec, map) = percent_decode(path, false);
-            let hits = self.detect(&dec, None);
-            c.add(
-                self,
-                &hits,
-                &dec,
-                Some(&map),
-                path,
-                0,
-                &Location::UrlPath,
-                Escape::Percent,
-            );
-        } else {
-            let hits = self.detect(path, None);
-            c.add(
-                self,
-                &hits,
-                path,
-                None,
-                path,
-                0,
-                &Location::UrlPath,
-                Escape::None,
-            );
-        }
+        self.collect_encoded(path, 0, false, None, &Location::UrlPath, &mut c);
         if let Some(q) = query {
             if q < query_end {
                 self.collect_pairs(&raw[q..query_end], q, true, &mut c, Location::QueryParam);
@@ -368,61 +343,40 @@ impl Engine {
             let name = String::from_utf8_lossy(&percent_decode(name_raw, plus).0).into_owned();
             let location = loc(name.clone());
             let vstart = base + piece_start + value_off;
-            if needs_percent_decode(value_raw, plus) {
-                let (dec, map) = percent_decode(value_raw, plus);
-                let hits = self.detect(&dec, Some(&name));
-                c.add(
-                    self,
-                    &hits,
-                    &dec,
-                    Some(&map),
-                    value_raw,
-                    vstart,
-                    &location,
-                    Escape::Percent,
-                );
-            } else {
-                let hits = self.detect(value_raw, Some(&name));
-                c.add(
-                    self,
-                    &hits,
-                    value_raw,
-                    None,
-                    value_raw,
-                    vstart,
-                    &location,
-                    Escape::None,
-                );
-            }
+            self.collect_encoded(value_raw, vstart, plus, Some(&name), &location, c);
             // Names are data too: a body that is not really a form (or a
             // hostile one) can carry a secret before its `=`.
-            let nstart = base + piece_start;
-            if needs_percent_decode(name_raw, plus) {
-                let (dec, map) = percent_decode(name_raw, plus);
-                let hits = self.detect(&dec, None);
-                c.add(
-                    self,
-                    &hits,
-                    &dec,
-                    Some(&map),
-                    name_raw,
-                    nstart,
-                    &location,
-                    Escape::Percent,
-                );
-            } else {
-                let hits = self.detect(name_raw, None);
-                c.add(
-                    self,
-                    &hits,
-                    name_raw,
-                    None,
-                    name_raw,
-                    nstart,
-                    &location,
-                    Escape::None,
-                );
-            }
+            self.collect_encoded(name_raw, base + piece_start, plus, None, &location, c);
+        }
+    }
+
+    /// Detects in one percent-encoded (or plain) segment whose raw bytes
+    /// start at `start`, recording hits and their masks in `c`.
+    fn collect_encoded(
+        &self,
+        raw: &[u8],
+        start: usize,
+        plus: bool,
+        field: Option<&str>,
+        location: &Location,
+        c: &mut Collector,
+    ) {
+        if needs_percent_decode(raw, plus) {
+            let (dec, map) = percent_decode(raw, plus);
+            let hits = self.detect(&dec, field);
+            c.add(
+                self,
+                &hits,
+                &dec,
+                Some(&map),
+                raw,
+                start,
+                location,
+                Escape::Percent,
+            );
+        } else {
+            let hits = self.detect(raw, field);
+            c.add(self, &hits, raw, None, raw, start, location, Escape::None);
         }
     }
 

@@ -550,3 +550,20 @@ fn naive_baseline_agrees_on_simple_input() {
     let text = format!("a 4111 1111 1111 1111 b ghp_{} c", r(36, ALNUM));
     assert_eq!(e.naive_scan(text.as_bytes()), 2);
 }
+
+#[test]
+fn a_secret_in_a_form_field_name_is_found_and_masked() {
+    // Not really a form, sent as one: the key sits before the `=`.
+    let body = b"deploy key: AKIAZ3MHQ7X2LPVWRT5K / note=hello";
+    let i = engine()
+        .inspect_body(Some("application/x-www-form-urlencoded"), None, body)
+        .unwrap();
+    assert!(
+        i.findings.iter().any(|f| &*f.detector == "aws-access-key-id"),
+        "{:?}",
+        i.findings
+    );
+    let masked = i.masked.expect("masked");
+    assert!(!String::from_utf8_lossy(&masked).contains("AKIAZ3MHQ7X2LPVWRT5K"));
+    assert!(String::from_utf8_lossy(&masked).ends_with("note=hello"));
+}
