@@ -879,3 +879,26 @@ fn keep_alive_requests_on_one_http1_connection_are_each_recorded() {
         "the upstream connection was kept too"
     );
 }
+
+#[test]
+fn ca_export_prints_the_certificate_the_agent_signs_with_and_never_its_key() {
+    require_root();
+    let ca = TestCa::new();
+    let cg = TestCgroup::new("ca-export");
+    let agent = agent_for(&cg, &ca, &[]);
+    let out = agent.cli(&["ca", "export"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(pem, std::fs::read_to_string(agent.ca_pem_path()).unwrap());
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(!pem.contains("PRIVATE KEY"));
+    // The key stays private to root.
+    let key = agent.state_dir.join("ca").join("guard-ca.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+}

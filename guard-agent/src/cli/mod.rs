@@ -4,6 +4,7 @@
 //! socket; `events` falls back to reading the store directly when no agent
 //! runs. Errors are reported with anyhow at this edge only.
 
+mod ca;
 mod events;
 mod exec;
 mod policy;
@@ -28,7 +29,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: load the kernel programs, intercept, record.
     Run(RunArgs),
-    /// List recorded events (connections), newest last.
+    /// List recorded events (connections and HTTP requests), newest last.
     Events(events::EventsArgs),
     /// Show the running agent's programs, scopes, counters and store.
     Status(status::StatusArgs),
@@ -36,13 +37,15 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// Check a policy directory, or explain a decision for one request.
     Policy(policy::PolicyArgs),
+    /// The local CA: export its certificate, add it to or remove it from the system trust store.
+    Ca(ca::CaArgs),
 }
 
 /// Where the state (store, admin socket) lives.
 #[derive(Debug, Args, Clone)]
 pub struct StateDirArg {
     /// State directory of the agent (event store, admin socket).
-    #[arg(long, env = "GUARD_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    #[arg(long, global = true, env = "GUARD_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
     pub state_dir: PathBuf,
 }
 
@@ -136,6 +139,7 @@ pub fn main() -> i32 {
         Command::Status(a) => status::run(a).map(|_| 0),
         Command::Exec(a) => exec::run(a),
         Command::Policy(a) => policy::run(a),
+        Command::Ca(a) => ca::run(a),
     };
     match res {
         Ok(code) => code,

@@ -559,7 +559,9 @@ fn a_secret_in_a_form_field_name_is_found_and_masked() {
         .inspect_body(Some("application/x-www-form-urlencoded"), None, body)
         .unwrap();
     assert!(
-        i.findings.iter().any(|f| &*f.detector == "aws-access-key-id"),
+        i.findings
+            .iter()
+            .any(|f| &*f.detector == "aws-access-key-id"),
         "{:?}",
         i.findings
     );
