@@ -112,6 +112,46 @@ impl Pipe {
 
 /// Bytes the kernel may move per splice call.
 const PIPE_SIZE: usize = 1 << 20;
+/// Empty pipes kept for reuse: creating and sizing a pipe costs four
+/// syscalls per connection direction.
+const PIPE_POOL_MAX: usize = 256;
+
+static PIPE_POOL: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+
+/// A pipe from the pool, given back on drop only when known empty.
+struct PooledPipe {
+    pipe: Option<Pipe>,
+    empty: bool,
+}
+
+impl PooledPipe {
+    fn take() -> io::Result<Self> {
+        let reused = PIPE_POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pipe = match reused {
+            Some(p) => p,
+            None => Pipe::new()?,
+        };
+        Ok(Self {
+            pipe: Some(pipe),
+            empty: true,
+        })
+    }
+
+    fn get(&self) -> &Pipe {
+        self.pipe.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for PooledPipe {
+    fn drop(&mut self) {
+        if let (true, Some(p)) = (self.empty, self.pipe.take()) {
+            let mut pool = PIPE_POOL.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < PIPE_POOL_MAX {
+                pool.push(p);
+            }
+        }
+    }
+}
 
 fn splice_fd(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice on descriptors that stay open for the call; null
@@ -137,14 +177,16 @@ fn splice_fd(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// copying them into user space, until `src` reaches EOF; then shuts `dst`'s
 /// write side down.
 async fn pump(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
-    let pipe = Pipe::new()?;
+    let mut pooled = PooledPipe::take()?;
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let (pipe_r, pipe_w) = (
+        pooled.get().read.as_raw_fd(),
+        pooled.get().write.as_raw_fd(),
+    );
     loop {
         let n = loop {
             src.readable().await?;
-            match src.try_io(Interest::READABLE, || {
-                splice_fd(src_fd, pipe.write.as_raw_fd(), PIPE_SIZE)
-            }) {
+            match src.try_io(Interest::READABLE, || splice_fd(src_fd, pipe_w, PIPE_SIZE)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => break r?,
             }
@@ -161,16 +203,19 @@ async fn pump(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Resu
                 })?;
             return Ok(());
         }
+        // Bytes sit in the pipe until drained: if this future is dropped or
+        // fails meanwhile, the pipe must not go back to the pool (another
+        // connection would receive them).
+        pooled.empty = false;
         let mut left = n;
         while left > 0 {
             dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice_fd(pipe.read.as_raw_fd(), dst_fd, left)
-            }) {
+            match dst.try_io(Interest::WRITABLE, || splice_fd(pipe_r, dst_fd, left)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => left -= r?,
             }
         }
+        pooled.empty = true;
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
