@@ -38,6 +38,12 @@ pub struct ConfigFile {
     pub upstream_roots: Option<Vec<PathBuf>>,
     pub tls_passthrough: Option<Vec<String>>,
     pub inspect_tls: Option<bool>,
+    /// The resolver: `dns: (upstream: ["10.0.0.2"], block_answer: "refused")`.
+    pub dns: Option<crate::dns::settings::DnsFile>,
+    /// UDP destinations refused in the kernel (default: port 443, QUIC).
+    pub udp_block: Option<Vec<crate::dns::settings::UdpRuleFile>>,
+    /// Exceptions to `udp_block`.
+    pub udp_allow: Option<Vec<crate::dns::settings::UdpRuleFile>>,
 }
 
 /// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
@@ -62,6 +68,7 @@ pub struct ConfigFlags {
     pub upstream_roots: Vec<PathBuf>,
     pub tls_passthrough: Vec<String>,
     pub no_inspect_tls: bool,
+    pub dns: crate::dns::settings::DnsFlags,
 }
 
 /// How long and how much the event store keeps.
@@ -105,6 +112,10 @@ pub struct AgentConfig {
     pub tls_passthrough: Vec<String>,
     /// Terminate TLS to inspect HTTPS (default true).
     pub inspect_tls: bool,
+    /// The resolver for redirected DNS.
+    pub dns: crate::dns::settings::DnsSettings,
+    /// UDP destinations refused in the kernel.
+    pub udp: crate::dns::settings::UdpRules,
 }
 
 /// A configuration problem, with where it is.
@@ -317,6 +328,10 @@ impl AgentConfig {
                 )
             })?;
         }
+        let dns = crate::dns::settings::DnsSettings::build(file.dns, &flags.dns)
+            .map_err(|(field, m)| field_err(&origin, &field, m))?;
+        let udp = crate::dns::settings::UdpRules::build(file.udp_block, file.udp_allow)
+            .map_err(|(field, m)| field_err(&origin, &field, m))?;
         let upstream_roots = if flags.upstream_roots.is_empty() {
             file.upstream_roots.unwrap_or_default()
         } else {
@@ -341,6 +356,8 @@ impl AgentConfig {
             mark: file.mark.unwrap_or(DEFAULT_MARK),
             admin_group: file.admin_group.unwrap_or_else(|| "guard".to_owned()),
             retention,
+            dns,
+            udp,
         })
     }
 

@@ -330,12 +330,25 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         None => None,
     };
 
+    // The resolver's sockets exist before DNS is redirected to them.
+    let dns_addrs = crate::dns::listen_addrs(&cfg);
+    let dns_socks = crate::dns::bind(&dns_addrs)
+        .await
+        .map_err(|(addr, source)| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                StartError::PortTaken { addr }
+            } else {
+                StartError::Listen { addr, source }
+            }
+        })?;
+
     let (inspect, ca_bundle) = inspection(&cfg, &state_dir)?;
     let inspect = Arc::new(inspect);
     let store = EventStore::open(&AgentConfig::store_dir(&state_dir))?;
     let writer = store::start_writer(store.clone(), cfg.retention);
 
     let (mut programs, table) = KernelPrograms::load(&cfg)?;
+    let dns_peers = programs.dns_peers()?;
     // The exec parent inherits the programs when it lies below a monitored
     // cgroup; attaching it again would run every program twice.
     let exec_inherits = cfg.cgroups.iter().any(|c| exec_parent.starts_with(c));
@@ -347,9 +360,37 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
 
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let procs = Arc::new(ProcCache::default());
+    let names = Arc::new(crate::dns::NameMap::default());
+    let resolver_health = Arc::new(crate::dns::ResolverHealth::default());
+    let resolver = (!dns_socks.is_empty()).then(|| {
+        let upstreams = crate::dns::upstreams(&cfg.dns, &dns_addrs);
+        if upstreams.is_empty() {
+            tracing::warn!("no upstream resolver (none configured, none in /etc/resolv.conf): DNS queries will fail with SERVFAIL");
+        }
+        *resolver_health.upstream.lock().unwrap_or_else(|p| p.into_inner()) =
+            upstreams.iter().map(|u| u.to_string()).collect();
+        *resolver_health.listen.lock().unwrap_or_else(|p| p.into_inner()) =
+            dns_addrs.iter().map(|u| u.to_string()).collect();
+        Arc::new(crate::dns::Resolver {
+            settings: cfg.dns.clone(),
+            upstreams,
+            mark: cfg.mark,
+            names: Arc::clone(&names),
+            peers: dns_peers,
+            procs: Arc::clone(&procs),
+            sink: writer.sink.clone(),
+            policy: Arc::clone(&inspect.policy),
+            inspector: Arc::clone(&inspect.inspector),
+            health: Arc::clone(&resolver_health),
+            rates: Default::default(),
+        })
+    });
     let intercept = Arc::new(Intercept {
         table,
-        procs: Arc::new(ProcCache::default()),
+        dns: resolver.clone(),
+        names,
+        procs,
         sink: writer.sink.clone(),
         counters: Arc::clone(&counters),
         mark: cfg.mark,
@@ -365,6 +406,17 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         )));
     }
 
+    if let Some(r) = &resolver {
+        for s in dns_socks {
+            tracing::info!(addr = %s.local_addr().map(|a| a.to_string()).unwrap_or_default(), "resolving redirected DNS");
+            tasks.push(tokio::spawn(Arc::clone(r).serve_udp(s, stop_rx.clone())));
+        }
+        resolver_health
+            .up
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    drop(resolver);
+
     let sock = AgentConfig::admin_socket(&state_dir);
     let admin_listener = admin::bind(&sock, gid)?;
     let admin_state = Arc::new(AdminState {
@@ -377,6 +429,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         admin_gid: gid,
         exec_seq: AtomicU64::new(0),
         ca_bundle,
+        resolver: (!dns_addrs.is_empty()).then_some(resolver_health),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let reaper_parent = exec_parent.clone();

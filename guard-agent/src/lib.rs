@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dlp;
+pub mod dns;
 pub mod http;
 pub mod intercept;
 pub mod policy;

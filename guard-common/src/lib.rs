@@ -103,10 +103,56 @@ pub struct KernelConfig {
     pub _pad: u32,
 }
 
+// ---------------------------------------------------------------------------
+// DNS and UDP (guard-ebpf/src/udp.rs, guard-agent/src/dns/)
+// ---------------------------------------------------------------------------
+
+/// Port whose UDP datagrams (and UDP `connect()`s) go to the agent's resolver.
+pub const DNS_PORT: u16 = 53;
+
+/// Verdicts stored in `UDP_RULES`: the longest matching (port, prefix) wins.
+pub const UDP_BLOCK: u8 = 1;
+/// See [`UDP_BLOCK`]: an exception carved out of a wider block.
+pub const UDP_ALLOW: u8 = 2;
+
+/// Length of a `UDP_RULES` key's data: 2 bytes of port (network order, 0 =
+/// any port) then 16 bytes of address (IPv4 mapped into IPv6).
+pub const UDP_RULE_KEY_LEN: usize = 18;
+
+/// Builds the data part of a `UDP_RULES` LPM key.
+pub const fn udp_rule_key(port: u16, addr: [u8; 16]) -> [u8; UDP_RULE_KEY_LEN] {
+    let mut k = [0u8; UDP_RULE_KEY_LEN];
+    let p = port.to_be_bytes();
+    k[0] = p[0];
+    k[1] = p[1];
+    let mut i = 0;
+    while i < 16 {
+        k[2 + i] = addr[i];
+        i += 1;
+    }
+    k
+}
+
+/// Where the agent's resolver listens, one entry in `DNS_CONFIG`. A zero port
+/// means no resolver on that family: DNS of that family is left alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DnsConfig {
+    /// The resolver's IPv4 address, bytes in network order.
+    pub resolver_v4: [u8; 4],
+    /// Port of the IPv4 resolver in host order.
+    pub resolver_v4_port: u16,
+    /// Port of the IPv6 resolver in host order.
+    pub resolver_v6_port: u16,
+    /// The resolver's IPv6 address, bytes in network order.
+    pub resolver_v6: [u8; 16],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)] plain data with explicit padding.
     unsafe impl aya::Pod for super::SockAddrKey {}
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::KernelConfig {}
+    unsafe impl aya::Pod for super::DnsConfig {}
 }

@@ -14,11 +14,12 @@
 //!   maps are LRU, so nothing lingers if either side forgets.
 //! - `cgroup/getpeername4|6`: the application sees the peer it asked for,
 //!   not the agent.
+//! - UDP (DNS to the agent's resolver, blocked UDP destinations): `udp.rs`;
+//!   `connect4|6` hand UDP sockets to it.
 //!
 //! They must never redirect the agent's own sockets (its tgid, and any
-//! socket carrying the agent's `SO_MARK`), never touch non-TCP sockets, and
-//! never fail a `connect()`: every path returns "allow", with or without a
-//! rewrite. Decisions that can live in user space do.
+//! socket carrying the agent's `SO_MARK`), and never fail a TCP `connect()`:
+//! every TCP path returns "allow", with or without a rewrite. Decisions that can live in user space do.
 #![no_std]
 #![no_main]
 
@@ -37,6 +38,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use guard_common::{KernelConfig, OriginalDst, SockAddrKey, SCOPE_INTERCEPT};
+
+mod udp;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -72,13 +75,21 @@ fn config() -> Option<&'static KernelConfig> {
     CONFIG.get(0)
 }
 
-/// Whether the calling task and its socket are ones Guard must monitor.
+/// Whether the calling task and its TCP socket are ones Guard must monitor.
 #[inline(always)]
 unsafe fn caller_in_scope(ctx: &SockAddrContext, cfg: &KernelConfig) -> bool {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     if (*sa).type_ != SOCK_STREAM {
         return false;
     }
+    task_in_scope(ctx, cfg)
+}
+
+/// Whether the calling task and its socket (of any type) are ones Guard
+/// must monitor.
+#[inline(always)]
+unsafe fn task_in_scope(ctx: &SockAddrContext, cfg: &KernelConfig) -> bool {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if tgid == cfg.agent_tgid {
         return false;
@@ -102,12 +113,12 @@ fn destination_in_scope(dst: &SockAddrKey) -> bool {
     matches!(DEST_SCOPE.get(&key), Some(v) if *v == SCOPE_INTERCEPT)
 }
 
-/// Saves where the socket was going and who asked, by socket cookie.
+/// Where a socket was going and who asked, now.
 #[inline(always)]
-unsafe fn remember(ctx: &SockAddrContext, dst: SockAddrKey, family: u32) -> bool {
+unsafe fn original_dst(dst: SockAddrKey, family: u32) -> OriginalDst {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let entry = OriginalDst {
+    OriginalDst {
         dst,
         family,
         pid: pid_tgid as u32,
@@ -118,7 +129,13 @@ unsafe fn remember(ctx: &SockAddrContext, dst: SockAddrKey, family: u32) -> bool
         cgroup_id: bpf_get_current_cgroup_id(),
         connect_ns: bpf_ktime_get_ns(),
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
+    }
+}
+
+/// Saves where the socket was going and who asked, by socket cookie.
+#[inline(always)]
+unsafe fn remember(ctx: &SockAddrContext, dst: SockAddrKey, family: u32) -> bool {
+    let entry = original_dst(dst, family);
     let cookie = bpf_get_socket_cookie(ctx.sock_addr as *mut _);
     if ORIG_BY_COOKIE.insert(&cookie, &entry, 0).is_err() {
         warn!(ctx, "guard: could not save the destination of tgid {}; not redirected", entry.tgid);
@@ -129,6 +146,9 @@ unsafe fn remember(ctx: &SockAddrContext, dst: SockAddrKey, family: u32) -> bool
 
 #[cgroup_sock_addr(connect4)]
 pub fn guard_connect4(ctx: SockAddrContext) -> i32 {
+    if let Some(verdict) = unsafe { udp::connect4(&ctx) } {
+        return verdict;
+    }
     unsafe { try_connect4(&ctx) };
     ALLOW
 }
@@ -155,6 +175,9 @@ unsafe fn try_connect4(ctx: &SockAddrContext) {
 
 #[cgroup_sock_addr(connect6)]
 pub fn guard_connect6(ctx: SockAddrContext) -> i32 {
+    if let Some(verdict) = unsafe { udp::connect6(&ctx) } {
+        return verdict;
+    }
     unsafe { try_connect6(&ctx) };
     ALLOW
 }

@@ -48,6 +48,8 @@ pub struct AdminState {
     pub exec_seq: AtomicU64,
     /// System roots plus the Guard CA, for `exec` children.
     pub ca_bundle: Option<PathBuf>,
+    /// The DNS resolver's health; `None` when DNS is turned off.
+    pub resolver: Option<Arc<crate::dns::ResolverHealth>>,
 }
 
 /// Errors setting up the admin socket.
@@ -301,6 +303,7 @@ fn status(state: &AdminState) -> Status {
         store_bytes: state.store.bytes(),
         store_size_on_disk: state.store.size_on_disk(),
         state_dir: c.state_dir.clone(),
+        resolver: state.resolver.as_ref().map(|r| r.snapshot()),
     }
 }
 

@@ -60,4 +60,8 @@ pub struct Status {
     pub store_bytes: u64,
     pub store_size_on_disk: u64,
     pub state_dir: PathBuf,
+    /// The DNS resolver: up, where it listens, where it forwards; `None`
+    /// when DNS is turned off.
+    #[serde(default)]
+    pub resolver: Option<crate::dns::ResolverStatus>,
 }

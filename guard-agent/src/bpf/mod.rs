@@ -27,15 +27,23 @@ use ipnet::IpNet;
 
 use crate::config::AgentConfig;
 
+pub mod udp;
+
 /// The compiled kernel programs, embedded at build time. `cargo xtask
 /// build-ebpf` rebuilds this file from `guard-ebpf/`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/guard.bpf.o");
 
-/// The programs and the sections they attach as, in attach order.
-pub const PROGRAMS: [&str; 5] = [
+/// The programs and the sections they attach as, in attach order (the
+/// ones that redirect last, so that what they redirect is always followed).
+pub const PROGRAMS: [&str; 10] = [
     "guard_sockops",
     "guard_getpeername4",
     "guard_getpeername6",
+    "guard_recvmsg4",
+    "guard_recvmsg6",
+    "guard_dns_egress",
+    "guard_sendmsg4",
+    "guard_sendmsg6",
     "guard_connect4",
     "guard_connect6",
 ];
@@ -154,6 +162,8 @@ impl KernelPrograms {
                 .map_err(map_err("DEST_SCOPE"))?;
         }
 
+        Self::fill_udp_maps(&mut ebpf, &crate::dns::listen_addrs(cfg), &cfg.udp)?;
+
         if !cfg.uids.is_empty() {
             let mut uids: HashMap<_, u32, u8> =
                 HashMap::try_from(ebpf.map_mut("SCOPE_UIDS").ok_or(BpfError::Map {
@@ -174,7 +184,8 @@ impl KernelPrograms {
             let res = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
-                _ => unreachable!("guard programs are sock_addr or sock_ops"),
+                aya::programs::Program::CgroupSkb(p) => p.load(),
+                _ => unreachable!("guard programs are sock_addr, sock_ops or cgroup_skb"),
             };
             res.map_err(|source| BpfError::Program {
                 program: name,
@@ -216,6 +227,15 @@ impl KernelPrograms {
                 aya::programs::Program::SockOps(p) => {
                     let p: &mut SockOps = p;
                     p.attach(&file, CgroupAttachMode::Single).map(drop)
+                }
+                aya::programs::Program::CgroupSkb(p) => {
+                    let p: &mut aya::programs::CgroupSkb = p;
+                    p.attach(
+                        &file,
+                        aya::programs::CgroupSkbAttachType::Egress,
+                        CgroupAttachMode::Single,
+                    )
+                    .map(drop)
                 }
                 _ => unreachable!(),
             };

@@ -87,7 +87,7 @@ impl EventsArgs {
                 (true, _) => Some(EventKind::Http),
                 (false, None) => None,
                 (false, Some(k)) => Some(EventKind::parse(k).ok_or_else(|| {
-                    anyhow::anyhow!("--kind: `{k}` is not one of connection, http")
+                    anyhow::anyhow!("--kind: `{k}` is not one of connection, http, dns")
                 })?),
             },
             limit: self.limit,

@@ -90,6 +90,17 @@ pub struct RunArgs {
     /// Log as JSON lines (for journald and log shippers).
     #[arg(long)]
     pub log_json: bool,
+    /// Resolver to forward DNS to, `IP` or `IP:PORT` (repeatable; default:
+    /// the nameservers of /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    pub dns_upstream: Vec<String>,
+    /// Where the agent's resolver listens (UDP, loopback; repeatable: one
+    /// IPv4, one IPv6; default: the addresses of --listen).
+    #[arg(long = "dns-listen", value_name = "ADDR")]
+    pub dns_listen: Vec<String>,
+    /// Leave DNS alone: no resolver, no DNS redirect.
+    #[arg(long)]
+    pub no_dns: bool,
 }
 
 fn init_tracing(json: bool) {
@@ -123,6 +134,11 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         upstream_roots: args.upstream_roots,
         tls_passthrough: args.tls_passthrough,
         no_inspect_tls: args.no_inspect_tls,
+        dns: crate::dns::settings::DnsFlags {
+            upstream: args.dns_upstream,
+            listen: args.dns_listen,
+            no_dns: args.no_dns,
+        },
     };
     let cfg = AgentConfig::build(file, flags)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -69,6 +69,23 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             s.exclude.join(", ")
         }
     );
+    match &s.resolver {
+        Some(r) => println!(
+            "resolver:    {} on {} → {} ({} queries, {} blocked, {} flagged, {} failed)",
+            if r.up { "up" } else { "DOWN" },
+            r.listen.join(", "),
+            if r.upstream.is_empty() {
+                "no upstream".to_owned()
+            } else {
+                r.upstream.join(", ")
+            },
+            r.queries,
+            r.blocked,
+            r.flagged,
+            r.failed
+        ),
+        None => println!("resolver:    off (DNS is not redirected)"),
+    }
     let c = s.counters;
     println!(
         "connections: {} redirected, {} active, {} errors, {} not redirected",

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     bpf::OriginalDstTable,
-    proc::ProcCache,
+    proc::{ProcCache, ProcInfo},
     store::{Event, EventSink, Verdict},
 };
 use crate::{
@@ -87,6 +87,10 @@ pub struct Intercept {
     pub mark: u32,
     /// HTTP(S) inspection: TLS, policy, detectors.
     pub inspect: Arc<InspectSettings>,
+    /// The agent's resolver, which also serves redirected DNS over TCP.
+    pub dns: Option<Arc<crate::dns::Resolver>>,
+    /// Names learnt from DNS answers, for connections without SNI or Host.
+    pub names: Arc<crate::dns::NameMap>,
 }
 
 /// What the inspecting paths need besides the L4 ones.
@@ -188,31 +192,21 @@ async fn handle(
     let _ = client.set_nodelay(true);
 
     let dst = original_addr(&orig);
+    if dst.port() == guard_common::DNS_PORT {
+        if let Some(dns) = &ctx.dns {
+            // DNS over TCP goes through the resolver, one event per query.
+            ctx.counters.active.fetch_sub(1, Ordering::Relaxed);
+            dns.serve_tcp(client, orig, peer, stop).await;
+            return;
+        }
+    }
     ev.dst = Some(dst.to_string());
-    ev.pid = Some(orig.tgid);
-    ev.tid = Some(orig.pid);
-    ev.uid = Some(orig.uid);
-    ev.gid = Some(orig.gid);
-    ev.cgroup_id = Some(orig.cgroup_id);
-    ev.comm = Some(comm_str(&orig.comm));
+    // A name this address was resolved from; SNI or Host replace it.
+    ev.host = ctx.names.name_for(dst.ip(), Instant::now());
 
     let procs = Arc::clone(&ctx.procs);
     let (info, upstream) = tokio::join!(procs.lookup(orig.tgid), connect_tcp(dst, ctx.mark));
-    ev.user = ctx.procs.user_name(orig.uid);
-    ev.exe = info.exe.clone();
-    // The command line comes from the process, not from a request, so the
-    // pipeline never masked it (`curl -d card=...`, `--token ghp_...`).
-    ev.cmdline = info
-        .masked_cmdline(|c| {
-            ctx.inspect
-                .inspector
-                .mask_for_record(c.as_bytes())
-                .map(|m| String::from_utf8_lossy(&m).into_owned())
-        })
-        .map(str::to_owned);
-    ev.ancestors = info.ancestors.clone();
-    ev.cgroup = info.cgroup.clone();
-    ev.unit = info.unit.clone();
+    attribute(&mut ev, &orig, &info, &ctx.procs, &ctx.inspect.inspector);
 
     match upstream {
         Err(e) => {
@@ -241,6 +235,37 @@ async fn handle(
     finish(&ctx, ev, started).await;
 }
 
+/// Fills in who made a connection or query: the kernel's record (ids,
+/// comm, cgroup) and what /proc says about the process. The command line
+/// is masked: it comes from the process, not from a request, so the
+/// pipeline never saw it (`curl -d card=...`, `--token ghp_...`).
+pub fn attribute(
+    ev: &mut Event,
+    orig: &OriginalDst,
+    info: &ProcInfo,
+    procs: &ProcCache,
+    inspector: &Inspector,
+) {
+    ev.pid = Some(orig.tgid);
+    ev.tid = Some(orig.pid);
+    ev.uid = Some(orig.uid);
+    ev.gid = Some(orig.gid);
+    ev.cgroup_id = Some(orig.cgroup_id);
+    ev.comm = Some(comm_str(&orig.comm));
+    ev.user = procs.user_name(orig.uid);
+    ev.exe = info.exe.clone();
+    ev.cmdline = info
+        .masked_cmdline(|c| {
+            inspector
+                .mask_for_record(c.as_bytes())
+                .map(|m| String::from_utf8_lossy(&m).into_owned())
+        })
+        .map(str::to_owned);
+    ev.ancestors = info.ancestors.clone();
+    ev.cgroup = info.cgroup.clone();
+    ev.unit = info.unit.clone();
+}
+
 async fn finish(ctx: &Intercept, mut ev: Event, started: Instant) {
     let elapsed = started.elapsed();
     ev.closed_at = Some(ev.ts + elapsed);
@@ -259,6 +284,7 @@ fn base_facts(ev: &Event, dst: SocketAddr) -> RequestFacts {
         uid: ev.uid,
         cgroup: ev.cgroup.clone(),
         systemd_unit: ev.unit.clone(),
+        dest_host: ev.host.clone(),
         dest_ip: Some(dst.ip()),
         dest_port: Some(dst.port()),
         ..Default::default()
@@ -296,7 +322,9 @@ async fn carry(
         }
         Sniff::Tls(hello) => {
             let sni = hello.sni.clone();
-            ev.host = sni.clone();
+            if sni.is_some() {
+                ev.host = sni.clone();
+            }
             let passthrough = !settings.inspect_tls
                 || sni
                     .as_deref()

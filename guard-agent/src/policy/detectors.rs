@@ -39,6 +39,8 @@ pub const BUILTIN_DETECTORS: &[(&str, DetectorClass)] = &[
     ("email", DetectorClass::Pii),
     ("phone", DetectorClass::Pii),
     ("private-ip", DetectorClass::Other),
+    // Raised by the DNS resolver's tunnelling heuristics, not by DLP.
+    ("dns-tunnel", DetectorClass::Other),
 ];
 
 /// Group names usable wherever a detector name is expected in a rule.

@@ -197,6 +197,8 @@ pub enum Protocol {
     Tcp,
     /// TLS the agent did not terminate (spliced).
     Tls,
+    /// A DNS query through the agent's resolver (`host` is the name asked).
+    Dns,
 }
 
 /// What to do with a matching request.

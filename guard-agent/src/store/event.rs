@@ -19,6 +19,8 @@ pub enum EventKind {
     Connection,
     /// One HTTP request and its response, recorded when the response ends.
     Http,
+    /// One DNS query and its answer, recorded when answered.
+    Dns,
 }
 
 impl EventKind {
@@ -26,6 +28,7 @@ impl EventKind {
         match s {
             "connection" => Some(EventKind::Connection),
             "http" => Some(EventKind::Http),
+            "dns" => Some(EventKind::Dns),
             _ => None,
         }
     }
@@ -34,6 +37,7 @@ impl EventKind {
         match self {
             EventKind::Connection => "connection",
             EventKind::Http => "http",
+            EventKind::Dns => "dns",
         }
     }
 }
@@ -129,6 +133,28 @@ pub struct Event {
     /// What the detectors found (masked values only).
     #[serde(default)]
     pub findings: Vec<FindingRecord>,
+    /// The query and answer, for `kind: dns`.
+    #[serde(default)]
+    pub dns: Option<DnsRecord>,
+}
+
+/// One DNS exchange through the agent's resolver. The query name is masked
+/// like any other recorded content (a name can carry a secret).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DnsRecord {
+    /// The name asked for, lower case, without the root dot.
+    pub qname: String,
+    /// `A`, `AAAA`, `TXT`, ...
+    pub qtype: String,
+    /// `udp` or `tcp`.
+    pub transport: String,
+    /// Response code sent to the client (`NoError`, `NXDomain`, ...).
+    pub rcode: Option<String>,
+    /// Answer records as `TYPE data` (`A 127.0.0.9`, `CNAME x.example.`).
+    #[serde(default)]
+    pub answers: Vec<String>,
+    /// The resolver that answered; none when the agent answered itself.
+    pub upstream: Option<String>,
 }
 
 /// TLS parameters of an intercepted connection.
@@ -231,6 +257,7 @@ impl Event {
             http: None,
             policy: None,
             findings: Vec::new(),
+            dns: None,
         }
     }
 }
