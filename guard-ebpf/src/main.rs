@@ -153,6 +153,9 @@ pub fn guard_connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+// Not inlined: the TCP and UDP paths each get their own stack frame
+// (the verifier limits the combined stack of a call chain to 512 bytes).
+#[inline(never)]
 unsafe fn try_connect4(ctx: &SockAddrContext) {
     let Some(cfg) = config() else { return };
     if cfg.listen_v4_port == 0 || !caller_in_scope(ctx, cfg) {
@@ -208,6 +211,9 @@ fn is_v4_mapped(b: &[u8; 16]) -> bool {
         && b[6] == 0 && b[7] == 0 && b[8] == 0 && b[9] == 0 && b[10] == 0xff && b[11] == 0xff
 }
 
+// Not inlined: the TCP and UDP paths each get their own stack frame
+// (the verifier limits the combined stack of a call chain to 512 bytes).
+#[inline(never)]
 unsafe fn try_connect6(ctx: &SockAddrContext) {
     let Some(cfg) = config() else { return };
     if !caller_in_scope(ctx, cfg) {

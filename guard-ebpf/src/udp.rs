@@ -115,6 +115,7 @@ pub fn guard_sendmsg6(ctx: SockAddrContext) -> i32 {
     unsafe { udp6(&ctx) }
 }
 
+#[inline(never)]
 unsafe fn udp4(ctx: &SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     if !task_in_scope(ctx, cfg) {
@@ -141,6 +142,7 @@ unsafe fn udp4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+#[inline(never)]
 unsafe fn udp6(ctx: &SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     if !task_in_scope(ctx, cfg) {

@@ -6,6 +6,7 @@
 //! (below `<cgroup2>/guard-test/`), and servers bind only to 127.0.0.0/8 or
 //! ::1. Without root it fails loudly; it never skips.
 
+pub mod dns_server;
 pub mod servers;
 pub mod tls_server;
 

@@ -47,7 +47,7 @@ pub struct EventsArgs {
     /// Only this verdict: allow, block, error.
     #[arg(long)]
     pub verdict: Option<String>,
-    /// Only this kind: connection, http.
+    /// Only this kind: connection, http, dns.
     #[arg(long)]
     pub kind: Option<String>,
     /// Only HTTP requests (same as --kind http).
