@@ -293,7 +293,9 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
 #[inline(always)]
 unsafe fn original_for(ctx: &SockAddrContext) -> Option<&'static OriginalDst> {
     let cookie = bpf_get_socket_cookie(ctx.sock_addr as *mut _);
-    ORIG_BY_COOKIE.get(&cookie)
+    ORIG_BY_COOKIE
+        .get(&cookie)
+        .or_else(|| udp::dns_original(cookie))
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -14,7 +14,8 @@
 //!   `connect()` a UDP socket has no local port yet, so the packet is the
 //!   first place where the port is known.)
 //! - `cgroup/recvmsg4|6`: a reply from the agent's resolver on such a socket
-//!   is shown to the application as coming from the resolver it asked.
+//!   is shown to the application as coming from the resolver it asked;
+//!   `getpeername` (main.rs) answers the same for a connected one.
 //!
 //! They must never touch the agent's own sockets (same checks as TCP:
 //! tgid and `SO_MARK`), never fail a DNS send, and never drop a packet in
@@ -85,6 +86,12 @@ unsafe fn remember_dns(ctx: &SockAddrContext, dst: SockAddrKey, family: u32) -> 
         return false;
     }
     true
+}
+
+/// The DNS entry of a (connected) UDP socket, for `getpeername`.
+#[inline(always)]
+pub(crate) unsafe fn dns_original(cookie: u64) -> Option<&'static OriginalDst> {
+    DNS_BY_COOKIE.get(&cookie)
 }
 
 /// connect4 on a UDP socket: `Some(verdict)`; `None` for other sockets.

@@ -180,6 +180,15 @@ fn dig_and_python_are_answered_through_the_agent_and_recorded_with_their_process
         "{t}"
     );
 
+    // A connected UDP socket still sees the resolver it connected to.
+    let out = cg
+        .command("python3")
+        .args(["-c", "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('127.0.0.4', 53)); print('peer', s.getpeername())"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(t.contains("peer ('127.0.0.4', 53)"), "{t}");
+
     // python's getaddrinfo (glibc's stub resolver: connected UDP), with a
     // resolv.conf of its own in a private mount namespace.
     let conf_dir = tempfile::tempdir().unwrap();

@@ -345,7 +345,7 @@ impl Resolver {
             },
             ..Default::default()
         };
-        let decision = self.policy.current().decide(&facts);
+        let decision = self.policy.current().decide_dns(&facts);
         let record = |action: &str| PolicyRecord {
             rule: decision.rule.to_string(),
             action: action.into(),

@@ -362,6 +362,29 @@ impl CompiledPolicy {
         self.decision_for(rule)
     }
 
+    /// Decide for a DNS query (`dest_host` = the name asked). Only rules
+    /// whose `when` names `protocol: [Dns]` apply: a rule written for
+    /// connections (ports, addresses, the policy's default) never blocks
+    /// a name; the connection that follows is decided on its own. A query
+    /// no DNS rule matches is answered (`Allow`, rule `default`).
+    pub fn decide_dns(&self, facts: &RequestFacts) -> Decision {
+        let rule = self
+            .rules
+            .iter()
+            .filter(|r| r.when.protocol.contains(&Protocol::Dns))
+            .find(|r| r.check(facts) == RuleCheck::Matched);
+        match rule {
+            Some(r) => self.decision_for(Some(r)),
+            None => Decision {
+                action: Verdict::Allow,
+                rule: Arc::from(DEFAULT_RULE),
+                mode: self.mode,
+                would_have: None,
+                reason: Arc::from("no DNS rule matched: names are answered"),
+            },
+        }
+    }
+
     /// The decision `rule` (or the default, if `None`) produces in this mode.
     pub(crate) fn decision_for(&self, rule: Option<&CompiledRule>) -> Decision {
         let (name, verdict, reason) = match rule {

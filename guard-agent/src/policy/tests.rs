@@ -687,3 +687,30 @@ fn actions_can_leave_out_every_optional_field() {
         }
     );
 }
+
+#[test]
+fn dns_queries_are_decided_only_by_rules_that_name_dns() {
+    let p = policy(
+        r#"Policy(name: "p", mode: Enforce, default: Block(reason: "not allowed"), rules: [
+            Rule(name: "loopback", when: (cidr: ["127.0.0.0/8"]), action: Allow),
+            Rule(name: "no-evil-names", when: (host: ["*.evil.example"], protocol: [Dns]), action: Block()),
+            Rule(name: "no-tunnels", when: (findings: ["dns-tunnel"], protocol: [Dns]), action: Block()),
+        ])"#,
+    );
+    let q = |host: &str| RequestFacts {
+        dest_host: Some(host.into()),
+        dest_ip: Some("127.0.0.53".parse().unwrap()),
+        dest_port: Some(53),
+        protocol: Some(Protocol::Dns),
+        ..Default::default()
+    };
+    let d = p.decide_dns(&q("c2.evil.example"));
+    assert!(matches!(d.action, Verdict::Block { .. }), "{d}");
+    assert_eq!(d.rule.as_ref(), "no-evil-names");
+    // Neither the loopback rule nor the default (written for connections) decides a name.
+    let d = p.decide_dns(&q("pypi.org"));
+    assert_eq!(d.action, Verdict::Allow, "{d}");
+    assert_eq!(d.rule.as_ref(), DEFAULT_RULE);
+    let d = p.decide_dns(&with_finding(q("x.tunnel.example"), "dns-tunnel", false));
+    assert_eq!(d.rule.as_ref(), "no-tunnels", "{d}");
+}
