@@ -164,8 +164,8 @@ pub fn udp_refused(rules: &UdpRules, dst: SocketAddr) -> bool {
     let hit = |list: &[UdpRule], port_specific: bool| -> Option<u8> {
         list.iter()
             .filter(|r| r.port.is_some() == port_specific)
-            .filter(|r| r.port.is_none_or(|p| p.contains(dst.port())))
-            .filter(|r| r.net.is_none_or(|n| n.contains(&canonical(dst.ip()))))
+            .filter(|r| r.port.map_or(true, |p| p.contains(dst.port())))
+            .filter(|r| r.net.map_or(true, |n| n.contains(&canonical(dst.ip()))))
             .map(|r| {
                 r.net.map_or(0, |n| {
                     n.prefix_len() + if n.addr().is_ipv4() { 96 } else { 0 }
