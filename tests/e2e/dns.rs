@@ -94,7 +94,7 @@ name, dst = sys.argv[1], sys.argv[2]
 q = struct.pack('>HHHHHH', 0x4242, 0x0100, 1, 0, 0, 0)
 q += b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\0'
 q += struct.pack('>HH', 1, 1)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ':' in dst else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(10)
 s.sendto(q, (dst, 53))
 data, frm = s.recvfrom(4096)
@@ -124,6 +124,7 @@ fn dig_and_python_are_answered_through_the_agent_and_recorded_with_their_process
             ("raw.guard-test.example", Ipv4Addr::new(127, 0, 0, 22)),
             ("gai.guard-test.example", Ipv4Addr::new(127, 0, 0, 23)),
             ("tcp.guard-test.example", Ipv4Addr::new(127, 0, 0, 24)),
+            ("raw6.guard-test.example", Ipv4Addr::new(127, 0, 0, 27)),
         ],
     );
     let cg = TestCgroup::new("dns-answer");
@@ -180,6 +181,19 @@ fn dig_and_python_are_answered_through_the_agent_and_recorded_with_their_process
         "{t}"
     );
 
+    // The same from an IPv6 socket asking ::1.
+    let out = cg
+        .command("python3")
+        .args(["-c", PY_RAW_QUERY, "raw6.guard-test.example", "::1"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("from=::1:53 id=4242 rcode=0 ip=127.0.0.27"),
+        "{t}"
+    );
+
     // A connected UDP socket still sees the resolver it connected to.
     let out = cg
         .command("python3")
@@ -216,12 +230,14 @@ fn dig_and_python_are_answered_through_the_agent_and_recorded_with_their_process
     let t = text(&out);
     assert!(out.status.success() && t.contains("127.0.0.24"), "{t}");
 
-    let events = dns_events(&agent, 4);
-    for (name, exe, transport) in [
-        ("dig.guard-test.example", "dig", "udp"),
-        ("raw.guard-test.example", "python3", "udp"),
-        ("gai.guard-test.example", "python3", "udp"),
-        ("tcp.guard-test.example", "dig", "tcp"),
+    let events = dns_events(&agent, 5);
+    let v4 = format!("{CLIENT_RESOLVER}:53");
+    for (name, exe, transport, asked) in [
+        ("dig.guard-test.example", "dig", "udp", v4.as_str()),
+        ("raw.guard-test.example", "python3", "udp", v4.as_str()),
+        ("raw6.guard-test.example", "python3", "udp", "[::1]:53"),
+        ("gai.guard-test.example", "python3", "udp", v4.as_str()),
+        ("tcp.guard-test.example", "dig", "tcp", v4.as_str()),
     ] {
         let e = dns_event(&events, name);
         assert_eq!(e["kind"], "dns");
@@ -229,7 +245,7 @@ fn dig_and_python_are_answered_through_the_agent_and_recorded_with_their_process
         assert_eq!(e["dns"]["transport"], transport, "{e:#}");
         assert_eq!(e["dns"]["qtype"], "A", "{e:#}");
         assert_eq!(e["dns"]["upstream"], upstream.addr.to_string(), "{e:#}");
-        assert_eq!(e["dst"], format!("{CLIENT_RESOLVER}:53"), "{e:#}");
+        assert_eq!(e["dst"], asked, "the resolver the client asked: {e:#}");
         let exe_path = e["exe"].as_str().unwrap_or_default();
         assert!(
             exe_path
@@ -247,7 +263,7 @@ fn dig_and_python_are_answered_through_the_agent_and_recorded_with_their_process
     }
     // Every one of them reached the fake upstream: it is the only upstream.
     let asked = upstream.asked();
-    for n in ["dig", "raw", "gai", "tcp"] {
+    for n in ["dig", "raw", "raw6", "gai", "tcp"] {
         assert!(
             asked.contains(&format!("{n}.guard-test.example")),
             "{asked:?}"

@@ -305,6 +305,56 @@ mod tests {
         assert!(e.1.contains("resolver.local"), "{}", e.1);
     }
 
+    fn config(text: &str) -> Result<crate::config::AgentConfig, crate::config::ConfigError> {
+        let p = std::path::Path::new("/etc/guard/agent.ron");
+        let f = crate::config::ConfigFile::parse(p, text)?;
+        crate::config::AgentConfig::build(Some((p, f)), Default::default())
+    }
+
+    #[test]
+    fn the_config_file_sets_dns_and_udp() {
+        let c = config(
+            r#"(cgroups: ["/sys/fs/cgroup/x"],
+                dns: (upstream: ["10.0.0.2"], listen: ["127.0.0.1:5300"], block_answer: "refused",
+                      tunnel: (max_label_len: 30)),
+                udp_block: [(cidr: "10.0.0.0/8"), (port: "5000-5010")],
+                udp_allow: [(cidr: "10.1.0.0/16", port: 53)])"#,
+        )
+        .unwrap();
+        assert_eq!(c.dns.upstream[0].to_string(), "10.0.0.2:53");
+        assert_eq!(c.dns.listen[0].port(), 5300);
+        assert_eq!(c.dns.block_answer, BlockAnswer::Refused);
+        assert_eq!(c.dns.tunnel.max_label_len, 30);
+        assert_eq!(c.udp.block.len(), 2);
+        assert_eq!(c.udp.allow[0].port.unwrap().start, 53);
+    }
+
+    #[test]
+    fn dns_and_udp_errors_name_the_file_and_field() {
+        let e = config(r#"(cgroups: ["/a"], dns: (block_answer: "drop"))"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/guard/agent.ron") && e.contains("dns.block_answer"),
+            "{e}"
+        );
+        let e = config(r#"(cgroups: ["/a"], udp_block: [(cidr: "10.0.0/8")])"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("udp_block[0].cidr") && e.contains("10.0.0/8"),
+            "{e}"
+        );
+        let e = config(r#"(cgroups: ["/a"], dns: (listen: ["0.0.0.0:53"]))"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dns.listen[0]") && e.contains("loopback"), "{e}");
+        let e = config("(\n  cgroups: [\"/a\"],\n  dns: (upstreams: []),\n)")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("upstreams"), "{e}");
+    }
+
     #[test]
     fn quic_is_blocked_by_default() {
         let r = UdpRules::build(None, None).unwrap();
