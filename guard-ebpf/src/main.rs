@@ -168,7 +168,8 @@ unsafe fn try_connect4(ctx: &SockAddrContext) {
         return;
     }
     let dst = SockAddrKey::from_v4(ip, port);
-    if !destination_in_scope(&dst) || !remember(ctx, dst, AF_INET) {
+    let wanted = destination_in_scope(&dst) || udp::dns_over_tcp_redirected(port);
+    if !wanted || !remember(ctx, dst, AF_INET) {
         return;
     }
     (*sa).user_ip4 = u32::from_ne_bytes(cfg.listen_v4);
@@ -242,7 +243,8 @@ unsafe fn try_connect6(ctx: &SockAddrContext) {
         return;
     }
     let dst = SockAddrKey::from_v6(ip, port);
-    if !destination_in_scope(&dst) || !remember(ctx, dst, AF_INET6) {
+    let wanted = destination_in_scope(&dst) || udp::dns_over_tcp_redirected(port);
+    if !wanted || !remember(ctx, dst, AF_INET6) {
         return;
     }
     (*sa).user_ip6[0] = bytes_to_word(&listen, 0);

@@ -8,6 +8,9 @@
 //!   where it was going are saved by socket cookie in `DNS_BY_COOKIE`.
 //!   Any other destination is looked up in `UDP_RULES`; a block returns 0,
 //!   which the application sees as `EPERM`.
+//! - DNS over TCP: `connect4|6` redirect TCP port 53 to the agent's
+//!   listener whatever the destination scope says, while the resolver is up
+//!   (the agent answers it with the same resolver).
 //! - `cgroup_skb/egress`: for a socket in `DNS_BY_COOKIE`, publishes that
 //!   entry under the datagram's source (address, port) in `DNS_BY_PEER`,
 //!   which is what the agent's resolver sees as the query's peer. (At
@@ -92,6 +95,15 @@ unsafe fn remember_dns(ctx: &SockAddrContext, dst: SockAddrKey, family: u32) -> 
 #[inline(always)]
 pub(crate) unsafe fn dns_original(cookie: u64) -> Option<&'static OriginalDst> {
     DNS_BY_COOKIE.get(&cookie)
+}
+
+/// Whether a TCP connect to `port` goes to the agent whatever its address:
+/// DNS over TCP, while the resolver is up (like DNS over UDP, loopback stub
+/// resolvers included).
+#[inline(always)]
+pub(crate) fn dns_over_tcp_redirected(port: u16) -> bool {
+    port == DNS_PORT
+        && matches!(DNS_CONFIG.get(0), Some(d) if d.resolver_v4_port != 0 || d.resolver_v6_port != 0)
 }
 
 /// connect4 on a UDP socket: `Some(verdict)`; `None` for other sockets.

@@ -129,8 +129,9 @@ fn dig_and_python_are_answered_through_the_agent_and_recorded_with_their_process
     );
     let cg = TestCgroup::new("dns-answer");
     let pol = policy_dir();
-    // 127.0.0.4/32: DNS over TCP to the client's resolver is redirected too.
-    let agent = agent_with(&cg, &upstream, pol.path(), &["127.0.0.4/32"]);
+    // No intercept prefix covers 127.0.0.4: DNS (UDP and TCP) is redirected
+    // whatever the scope.
+    let agent = agent_with(&cg, &upstream, pol.path(), &["127.0.0.2/32"]);
 
     // status says the resolver is up, where, and that the fake is its only upstream.
     let st = agent.status();
