@@ -1,12 +1,14 @@
 //! The per-request pipeline, one named step after another:
-//! read → inspect (DLP) → decide (policy) → act (allow, mask, block) →
-//! forward → record. Serves one client connection with hyper (HTTP/1.1 or
+//! read → inspect (DLP) → decide (policy) → act (allow, mask, block, hold
+//! for approval) → inject credentials → forward → record. Serves one client connection with hyper (HTTP/1.1 or
 //! HTTP/2, whichever the connection speaks).
 //!
 //! Invariants: a request leaves only after the decision; a blocked request
 //! never leaves; every request ends in exactly one event, and what the event
 //! holds went through masking first (header credentials fingerprinted,
-//! excerpts masked, findings carry masks only).
+//! excerpts masked, findings carry masks only); a held request leaves only
+//! once approved (or covered by a grant); credentials are injected last,
+//! after everything recorded was taken, so no event holds a secret.
 
 use std::{
     convert::Infallible,
@@ -34,11 +36,13 @@ use super::{
     upstream::{Upstream, UpstreamFailure},
 };
 use crate::{
+    approval::{Approvals, GrantQuery, HoldSummary, Outcome},
     policy::{
         CompiledPolicy, Decision, FindingFact, Mode, Protocol, RequestFacts,
-        Verdict as PolicyVerdict, APPROVAL_NOT_CONFIGURED,
+        Verdict as PolicyVerdict,
     },
-    store::{Event, EventKind, EventSink, HttpRecord, PolicyRecord, Verdict},
+    secrets::Secrets,
+    store::{AdminRecord, Event, EventKind, EventSink, HttpRecord, PolicyRecord, Verdict},
 };
 
 /// What every request on one client connection shares.
@@ -57,6 +61,10 @@ pub struct ConnContext {
     pub sink: EventSink,
     /// Policy facts about the process (filled once per connection).
     pub facts: RequestFacts,
+    /// Where `RequireApproval` requests wait.
+    pub approvals: Arc<Approvals>,
+    /// Credentials injected into requests on their way out.
+    pub secrets: Arc<Secrets>,
 }
 
 /// Serves HTTP on a client connection until it closes.
@@ -244,7 +252,8 @@ async fn handle(
     // 4. Act.
     let (block_reason, mask) = match &decision.action {
         PolicyVerdict::Block { reason } => (Some(reason.to_string()), None),
-        PolicyVerdict::RequireApproval { .. } => (Some(APPROVAL_NOT_CONFIGURED.to_owned()), None),
+        // Held below, once the record is ready.
+        PolicyVerdict::RequireApproval { .. } => (None, None),
         PolicyVerdict::Mask(scope) => (None, Some(scope.clone())),
         PolicyVerdict::Allow | PolicyVerdict::AuditOnly => (None, None),
     };
@@ -284,11 +293,36 @@ async fn handle(
         finish(&ctx, ev, rec, started);
         return json_response(StatusCode::FORBIDDEN, body);
     }
+    if let PolicyVerdict::RequireApproval { timeout, reason } = &decision.action {
+        if let Some(body) =
+            await_approval(&ctx, &mut ev, &rec, &decision.rule, *timeout, reason).await
+        {
+            ev.verdict = Verdict::Block;
+            rec.status = Some(403);
+            finish(&ctx, ev, rec, started);
+            return json_response(StatusCode::FORBIDDEN, body);
+        }
+    }
     if masking {
         ev.verdict = Verdict::Mask;
+        apply_masks(&ctx.inspector, &mut parts, &inspection);
     }
 
-    // 5. Forward.
+    // 5. Inject credentials (after everything recorded was taken).
+    if let Err(e) = ctx.secrets.inject(&host, &mut parts) {
+        ev.verdict = Verdict::Block;
+        ev.error = Some(e.to_string());
+        rec.status = Some(403);
+        let body = json!({
+            "error": "blocked by Guard",
+            "reason": e.to_string(),
+            "event_id": ev.id,
+        });
+        finish(&ctx, ev, rec, started);
+        return json_response(StatusCode::FORBIDDEN, body);
+    }
+
+    // 6. Forward.
     let upstream = match &ctx.upstream {
         Ok(u) => Arc::clone(u),
         Err(fail) => {
@@ -308,7 +342,6 @@ async fn handle(
     let streamed = Arc::new(AtomicU64::new(0));
     let out_body = match (masking, rest) {
         (true, rest) => {
-            apply_masks(&ctx.inspector, &mut parts, &inspection);
             let b = inspection
                 .body
                 .clone()
@@ -380,7 +413,7 @@ async fn handle(
     rec.response_headers =
         record_headers(resp.headers(), key, |_, v| ctx.inspector.mask_for_record(v));
 
-    // 6. Respond, recording when the response body ends.
+    // 7. Respond, recording when the response body ends.
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(
         &mut rparts.headers,
@@ -406,6 +439,108 @@ async fn handle(
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
+}
+
+/// Holds a `RequireApproval` request until it is approved (or a grant
+/// covers it). Returns the 403 body when it was denied or timed out.
+async fn await_approval(
+    ctx: &ConnContext,
+    ev: &mut Event,
+    rec: &HttpRecord,
+    rule: &str,
+    timeout: std::time::Duration,
+    reason: &str,
+) -> Option<serde_json::Value> {
+    let q = GrantQuery {
+        uid: ev.uid,
+        host: &rec.host,
+        rule,
+    };
+    if let Some(g) = ctx.approvals.grant_for(&q) {
+        ev.admin = Some(AdminRecord {
+            action: "granted".into(),
+            by_uid: Some(g.by_uid),
+            by_user: g.by_user.clone(),
+            note: g.note.clone(),
+            hold_id: Some(g.hold_id),
+            grant_id: Some(g.id),
+            scope: Some(g.scope.as_str().into()),
+            expires: Some(g.expires),
+            detail: None,
+        });
+        return None;
+    }
+    let summary = HoldSummary {
+        id: ev.id,
+        since: OffsetDateTime::now_utc(),
+        timeout_secs: timeout.as_secs(),
+        rule: rule.to_owned(),
+        reason: reason.to_owned(),
+        pid: ev.pid,
+        uid: ev.uid,
+        user: ev.user.clone(),
+        comm: ev.comm.clone(),
+        exe: ev.exe.clone(),
+        ancestors: ev.ancestors.clone(),
+        cgroup: ev.cgroup.clone(),
+        dst: ev.dst.clone(),
+        host: rec.host.clone(),
+        method: rec.method.clone(),
+        scheme: rec.scheme.clone(),
+        path: rec.path.clone(),
+        query: rec.query.clone(),
+        findings: ev.findings.clone(),
+        body_preview: rec.request_excerpt.clone(),
+    };
+    let waited = Instant::now();
+    let outcome = ctx.approvals.hold(summary, timeout).await;
+    let mut record = AdminRecord {
+        hold_id: Some(ev.id),
+        detail: Some(format!("held {:.1}s", waited.elapsed().as_secs_f64())),
+        ..Default::default()
+    };
+    let body = match outcome {
+        Outcome::Approved { by, note, grant } => {
+            record.action = "approve".into();
+            record.by_uid = Some(by.uid);
+            record.by_user = by.user;
+            record.note = note;
+            record.grant_id = grant.as_ref().map(|g| g.id);
+            record.scope = grant.as_ref().map(|g| g.scope.as_str().into());
+            record.expires = grant.as_ref().map(|g| g.expires);
+            None
+        }
+        Outcome::Denied { by, note } => {
+            let who = by.user.clone().unwrap_or_else(|| format!("uid {}", by.uid));
+            record.action = "deny".into();
+            record.by_uid = Some(by.uid);
+            record.by_user = by.user;
+            record.note = note.clone();
+            Some(json!({
+                "error": "denied by an approver",
+                "reason": reason,
+                "rule": rule,
+                "denied_by": who,
+                "note": note,
+                "event_id": ev.id,
+            }))
+        }
+        Outcome::TimedOut { after } => {
+            record.action = "timeout".into();
+            Some(json!({
+                "error": "approval timed out",
+                "reason": reason,
+                "rule": rule,
+                "detail": format!(
+                    "nobody approved this request within {}; a timeout counts as a denial",
+                    humantime::format_duration(after)
+                ),
+                "event_id": ev.id,
+            }))
+        }
+    };
+    ev.admin = Some(record);
+    body
 }
 
 /// Writes masked URL and header values into the request.

@@ -87,6 +87,10 @@ pub struct Intercept {
     pub mark: u32,
     /// HTTP(S) inspection: TLS, policy, detectors.
     pub inspect: Arc<InspectSettings>,
+    /// Holds for `RequireApproval` requests.
+    pub approvals: Arc<crate::approval::Approvals>,
+    /// Credentials injected on the way out.
+    pub secrets: Arc<crate::secrets::Secrets>,
 }
 
 /// What the inspecting paths need besides the L4 ones.
@@ -383,6 +387,8 @@ fn conn_context(
         inspector: Arc::clone(&ctx.inspect.inspector),
         sink: ctx.sink.clone(),
         facts,
+        approvals: Arc::clone(&ctx.approvals),
+        secrets: Arc::clone(&ctx.secrets),
     })
 }
 

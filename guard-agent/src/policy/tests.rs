@@ -682,7 +682,7 @@ fn actions_can_leave_out_every_optional_field() {
     assert_eq!(
         p.decide(&to_host("a")).action,
         Verdict::RequireApproval {
-            timeout: Duration::from_secs(300),
+            timeout: Duration::from_secs(120),
             reason: "approval required by the policy's default".into()
         }
     );

@@ -19,6 +19,12 @@ pub enum EventKind {
     Connection,
     /// One HTTP request and its response, recorded when the response ends.
     Http,
+    /// A decision on a held request: approved, denied, timed out.
+    Approval,
+    /// A scoped approval (grant) created, revoked or expired.
+    Grant,
+    /// The policy was reloaded (or a reload failed).
+    PolicyReload,
 }
 
 impl EventKind {
@@ -26,6 +32,9 @@ impl EventKind {
         match s {
             "connection" => Some(EventKind::Connection),
             "http" => Some(EventKind::Http),
+            "approval" => Some(EventKind::Approval),
+            "grant" => Some(EventKind::Grant),
+            "policy_reload" => Some(EventKind::PolicyReload),
             _ => None,
         }
     }
@@ -34,6 +43,9 @@ impl EventKind {
         match self {
             EventKind::Connection => "connection",
             EventKind::Http => "http",
+            EventKind::Approval => "approval",
+            EventKind::Grant => "grant",
+            EventKind::PolicyReload => "policy_reload",
         }
     }
 }
@@ -129,6 +141,32 @@ pub struct Event {
     /// What the detectors found (masked values only).
     #[serde(default)]
     pub findings: Vec<FindingRecord>,
+    /// Admin side (approval, grant, policy reload events), and on a held
+    /// HTTP request how its hold ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminRecord>,
+}
+
+/// An action on the admin side, or how a hold ended: who, when (the event's
+/// `ts`), what, and the note. Never holds request content.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AdminRecord {
+    /// `approve`, `deny`, `timeout`, `granted` (let through by a grant),
+    /// `grant`, `revoke`, `expire`, `policy_reload`, `policy_reload_failed`.
+    pub action: String,
+    /// Who decided (peer credentials of the admin socket).
+    pub by_uid: Option<u32>,
+    pub by_user: Option<String>,
+    pub note: Option<String>,
+    /// The held request (its HTTP event id).
+    pub hold_id: Option<u64>,
+    pub grant_id: Option<u64>,
+    /// `request`, `host` or `rule`.
+    pub scope: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub expires: Option<OffsetDateTime>,
+    /// Anything else in words (policy version, reload error, grant target).
+    pub detail: Option<String>,
 }
 
 /// TLS parameters of an intercepted connection.
@@ -231,6 +269,15 @@ impl Event {
             http: None,
             policy: None,
             findings: Vec::new(),
+            admin: None,
         }
+    }
+
+    /// An admin-side event (approval, grant, policy reload).
+    pub fn admin(kind: EventKind, record: AdminRecord) -> Self {
+        let mut e = Self::connection(OffsetDateTime::now_utc());
+        e.kind = kind;
+        e.admin = Some(record);
+        e
     }
 }

@@ -23,7 +23,9 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc};
 
-pub use event::{Event, EventKind, FindingRecord, HttpRecord, PolicyRecord, TlsRecord, Verdict};
+pub use event::{
+    AdminRecord, Event, EventKind, FindingRecord, HttpRecord, PolicyRecord, TlsRecord, Verdict,
+};
 pub use filter::EventFilter;
 
 use crate::config::Retention;
