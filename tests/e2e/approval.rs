@@ -293,10 +293,14 @@ fn ensure_user(name: &str, groups: &[&str]) {
     assert!(st.success(), "useradd {name} failed");
 }
 
-/// `guard-agent ARGS` run as `user` inside `cgroup` (monitored).
+/// `guard-agent ARGS` run as `user` (with its primary and supplementary
+/// groups) inside `cgroup` (monitored).
 fn cli_as(user: &str, cg: &TestCgroup, agent: &Agent, args: &[&str]) -> Output {
+    let gid = Command::new("id").args(["-g", user]).output().unwrap();
+    let gid = String::from_utf8(gid.stdout).unwrap().trim().to_owned();
+    assert!(!gid.is_empty(), "no user {user}");
     cg.command("setpriv")
-        .args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+        .args(["--reuid", user, "--regid", &gid, "--init-groups", "--"])
         .arg(agent_bin())
         .args(args)
         .arg("--state-dir")
@@ -638,10 +642,10 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
         .output()
         .unwrap();
 
+    let mut agent = agent;
+    assert!(agent.stop_with(libc::SIGTERM).success()); // flushes the store
     let state = agent.state_dir.clone();
-    let log_path = agent.log.clone();
-    drop(agent); // flushes the store
-    let log = std::fs::read(&log_path).unwrap();
+    let log = std::fs::read(&agent.log).unwrap();
     let store = all_bytes_under(&state.join("events.sled"));
     assert!(!store.is_empty());
     for secret in [API_KEY, TOKEN] {
