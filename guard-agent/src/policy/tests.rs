@@ -687,3 +687,28 @@ fn actions_can_leave_out_every_optional_field() {
         }
     );
 }
+
+#[test]
+fn the_approval_example_holds_llm_uploads_for_two_minutes() {
+    let p = load_files(&[repo_dir().join("examples/approval.ron")]).unwrap();
+    let facts = RequestFacts {
+        dest_host: Some("api.openai.com".into()),
+        method: Some("POST".into()),
+        path: Some("/v1/files".into()),
+        ..Default::default()
+    };
+    let d = p.decide(&facts);
+    assert_eq!(d.rule.as_ref(), "llm-file-uploads", "{d}");
+    assert!(
+        matches!(d.action, Verdict::RequireApproval { timeout, .. } if timeout == Duration::from_secs(120)),
+        "{d}"
+    );
+    let facts = RequestFacts {
+        dest_host: Some("pastebin.com".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        p.decide(&facts).action,
+        Verdict::RequireApproval { timeout, .. } if timeout == Duration::from_secs(120)
+    ));
+}
