@@ -363,7 +363,11 @@ impl AgentConfig {
             None => None,
             Some(u) => {
                 let uri: http::Uri = u.parse().map_err(|e| {
-                    field_err(&origin, "notify_webhook", format!("`{u}` is not a URL: {e}"))
+                    field_err(
+                        &origin,
+                        "notify_webhook",
+                        format!("`{u}` is not a URL: {e}"),
+                    )
                 })?;
                 if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
                     return Err(field_err(

@@ -261,7 +261,10 @@ async fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, sink: &EventSink,
     let (action, detail) = match store.reload(dir) {
         Ok(v) => {
             tracing::info!(version = v, "{why}: policy reloaded");
-            ("policy_reload", format!("{why}: version {v} from {}", dir.display()))
+            (
+                "policy_reload",
+                format!("{why}: version {v} from {}", dir.display()),
+            )
         }
         Err(e) => {
             tracing::error!("{why}: policy not reloaded, the last good one stays: {e}");

@@ -12,7 +12,8 @@ use std::{
 };
 
 use guard_harness::{
-    agent_bin, external_v4, require_root, servers::HttpServer, Agent, AgentOptions, TestCgroup,
+    agent_bin, external_v4, read_line_until, require_root, servers::HttpServer, Agent,
+    AgentOptions, TestCgroup,
 };
 use serde_json::Value;
 
@@ -31,6 +32,8 @@ const HOLD_POLICY: &str = r#"Policy(
 /// The secret only the secrets file holds (and the test server demands).
 const API_KEY: &str = "gk_live_Zq8w3PL0xv7TqB2mN5cR";
 const TOKEN: &str = "tok_9fX2kQ7aLm4Wz1Rb";
+/// A well-formed AWS access key id for DLP to find in a held body.
+const AWS_KEY: &str = "AKIAZ7QK3MXWB4PLR2TD";
 
 fn policy_dir(text: &str) -> tempfile::TempDir {
     let d = tempfile::Builder::new()
@@ -146,10 +149,24 @@ fn held_requests_wait_for_approve_deny_timeout_and_grants() {
     let agent = start_agent(&cg, dir.path(), &[], AgentOptions::default());
     let base = format!("http://{}", server.addr);
 
+    // `approvals --follow` streams holds as they come.
+    let mut follow = Command::new(agent_bin())
+        .args(["approvals", "--follow", "--json", "--state-dir"])
+        .arg(&agent.state_dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+
     // 1. Held, then approved: nothing leaves until `approve`.
     let curl = spawn_curl(
         &cg,
-        &["-w", "\n%{http_code}", "--data-binary", "report=q3", &format!("{base}/upload/a")],
+        &[
+            "-w",
+            "\n%{http_code}",
+            "--data-binary",
+            "report=q3",
+            &format!("{base}/upload/a"),
+        ],
     );
     let hold = wait_hold(&agent, "/upload/a");
     assert_eq!(hold["method"], "POST", "{hold:#}");
@@ -158,13 +175,37 @@ fn held_requests_wait_for_approve_deny_timeout_and_grants() {
     assert!(hold["exe"].as_str().unwrap().ends_with("curl"), "{hold:#}");
     assert_eq!(hold["uid"], 0);
     assert_eq!(hold["host"], "127.0.0.2");
-    assert!(hold["body_preview"].as_str().unwrap().contains("report=q3"), "{hold:#}");
-    assert!(!hold["ancestors"].as_array().unwrap().is_empty(), "{hold:#}");
-    assert!(server.requests().is_empty(), "a held request left before approval");
+    assert!(
+        hold["body_preview"].as_str().unwrap().contains("report=q3"),
+        "{hold:#}"
+    );
+    assert!(
+        !hold["ancestors"].as_array().unwrap().is_empty(),
+        "{hold:#}"
+    );
+    assert!(
+        server.requests().is_empty(),
+        "a held request left before approval"
+    );
+    let line = read_line_until(
+        &mut follow,
+        |l| l.contains("/upload/a"),
+        Duration::from_secs(20),
+    );
+    let streamed: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(streamed["id"], hold["id"]);
+    let _ = follow.kill();
+    let _ = follow.wait();
     let table = cli_ok(&agent, &["approvals"]);
-    assert!(table.contains("/upload/a") && table.contains("guard-agent approve"), "{table}");
+    assert!(
+        table.contains("/upload/a") && table.contains("guard-agent approve"),
+        "{table}"
+    );
     let id = hold["id"].as_u64().unwrap();
-    let said = cli_ok(&agent, &["approve", &id.to_string(), "--note", "expected report"]);
+    let said = cli_ok(
+        &agent,
+        &["approve", &id.to_string(), "--note", "expected report"],
+    );
     assert!(said.contains("approved"), "{said}");
     let (status, body) = status_and_body(&curl.wait_with_output().unwrap());
     assert_eq!(status, 200, "{body}");
@@ -174,7 +215,13 @@ fn held_requests_wait_for_approve_deny_timeout_and_grants() {
     // 2. Held, then denied: 403 JSON naming the decision and the event.
     let curl = spawn_curl(
         &cg,
-        &["-w", "\n%{http_code}", "--data-binary", "x=1", &format!("{base}/upload/b")],
+        &[
+            "-w",
+            "\n%{http_code}",
+            "--data-binary",
+            "x=1",
+            &format!("{base}/upload/b"),
+        ],
     );
     let id_b = wait_hold(&agent, "/upload/b")["id"].as_u64().unwrap();
     cli_ok(&agent, &["deny", &id_b.to_string(), "--note", "not today"]);
@@ -195,19 +242,35 @@ fn held_requests_wait_for_approve_deny_timeout_and_grants() {
     assert_eq!(j["error"], "approval timed out", "{j:#}");
     assert!(j["event_id"].as_u64().unwrap() > 0);
     assert_eq!(server.requests().len(), 1, "a timed-out request left");
-    assert!(pending_ids(&agent).is_empty(), "the timed-out hold is still listed");
+    assert!(
+        pending_ids(&agent).is_empty(),
+        "the timed-out hold is still listed"
+    );
 
     // 4. A 15-minute host grant lets the next request through at once...
     let curl = spawn_curl(&cg, &["-w", "\n%{http_code}", &format!("{base}/upload/d")]);
     let id_d = wait_hold(&agent, "/upload/d")["id"].as_u64().unwrap();
     let said = cli_ok(
         &agent,
-        &["approve", &id_d.to_string(), "--for", "15m", "--scope", "host", "--note", "sprint demo"],
+        &[
+            "approve",
+            &id_d.to_string(),
+            "--for",
+            "15m",
+            "--scope",
+            "host",
+            "--note",
+            "sprint demo",
+        ],
     );
     assert!(said.contains("grant"), "{said}");
     assert_eq!(status_and_body(&curl.wait_with_output().unwrap()).0, 200);
     let out = run_curl(&cg, &["-w", "\n%{http_code}", &format!("{base}/upload/e")]);
-    assert_eq!(status_and_body(&out).0, 200, "the grant did not let /upload/e through");
+    assert_eq!(
+        status_and_body(&out).0,
+        200,
+        "the grant did not let /upload/e through"
+    );
     assert_eq!(server.requests().len(), 3);
     let grants = json_lines(&cli_ok(&agent, &["approvals", "grants", "--json"]));
     assert_eq!(grants.len(), 1, "{grants:#?}");
@@ -221,7 +284,11 @@ fn held_requests_wait_for_approve_deny_timeout_and_grants() {
     assert!(json_lines(&cli_ok(&agent, &["approvals", "grants", "--json"])).is_empty());
     let curl = spawn_curl(&cg, &["-w", "\n%{http_code}", &format!("{base}/upload/f")]);
     let id_f = wait_hold(&agent, "/upload/f")["id"].as_u64().unwrap();
-    assert_eq!(server.requests().len(), 3, "a request left after the grant was revoked");
+    assert_eq!(
+        server.requests().len(),
+        3,
+        "a request left after the grant was revoked"
+    );
     cli_ok(&agent, &["deny", &id_f.to_string()]);
     assert_eq!(status_and_body(&curl.wait_with_output().unwrap()).0, 403);
 
@@ -237,14 +304,21 @@ fn held_requests_wait_for_approve_deny_timeout_and_grants() {
     assert_eq!(event_for(&http, "/quick/c")["admin"]["action"], "timeout");
     let e = event_for(&http, "/upload/e");
     assert_eq!(e["admin"]["action"], "granted", "{e:#}");
-    assert_eq!(e["admin"]["grant_id"].as_u64().unwrap().to_string(), grant_id);
+    assert_eq!(
+        e["admin"]["grant_id"].as_u64().unwrap().to_string(),
+        grant_id
+    );
 
     let approvals = agent.wait_events(&["--kind", "approval"], 5);
     let actions: Vec<&str> = approvals
         .iter()
         .map(|e| e["admin"]["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["approve", "deny", "timeout", "approve", "deny"], "{approvals:#?}");
+    assert_eq!(
+        actions,
+        ["approve", "deny", "timeout", "approve", "deny"],
+        "{approvals:#?}"
+    );
     let deny = &approvals[1];
     assert_eq!(deny["admin"]["hold_id"].as_u64(), Some(id_b));
     assert_eq!(deny["admin"]["by_user"], "root");
@@ -269,7 +343,10 @@ fn held_requests_wait_for_approve_deny_timeout_and_grants() {
     // SAFETY: signalling the agent this test started.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
     let reloads = agent.wait_events(&["--kind", "policy_reload"], 1);
-    assert_eq!(reloads[0]["admin"]["action"], "policy_reload", "{reloads:#?}");
+    assert_eq!(
+        reloads[0]["admin"]["action"], "policy_reload",
+        "{reloads:#?}"
+    );
 }
 
 /// A user (created if missing) with `groups` as supplementary groups.
@@ -277,7 +354,13 @@ fn ensure_user(name: &str, groups: &[&str]) {
     for g in groups {
         let _ = Command::new("groupadd").arg("-f").arg(g).status();
     }
-    if Command::new("id").arg(name).output().unwrap().status.success() {
+    if Command::new("id")
+        .arg(name)
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
         let _ = Command::new("usermod")
             .args(["-a", "-G", &groups.join(",")])
             .arg(name)
@@ -323,7 +406,10 @@ fn an_unprivileged_user_cannot_decide_holds_or_read_events() {
     let dir = policy_dir(HOLD_POLICY);
     // A state directory other users can reach (the agent makes it 0750
     // root:admin-group itself).
-    let parent = tempfile::Builder::new().prefix("guard-perm-").tempdir().unwrap();
+    let parent = tempfile::Builder::new()
+        .prefix("guard-perm-")
+        .tempdir()
+        .unwrap();
     std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let agent = start_agent(
         &cg,
@@ -337,9 +423,16 @@ fn an_unprivileged_user_cannot_decide_holds_or_read_events() {
 
     let curl = spawn_curl(
         &cg,
-        &["-w", "\n%{http_code}", &format!("http://{}/upload/mine", server.addr)],
+        &[
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{}/upload/mine", server.addr),
+        ],
     );
-    let id = wait_hold(&agent, "/upload/mine")["id"].as_u64().unwrap().to_string();
+    let id = wait_hold(&agent, "/upload/mine")["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
 
     // The developer (admin group, not an approver), inside the monitored
     // cgroup: `status` works (so the binary and the socket are reachable)...
@@ -360,17 +453,28 @@ fn an_unprivileged_user_cannot_decide_holds_or_read_events() {
     ] {
         let out = cli_as(DEV, &cg, &agent, &args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} as {DEV} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "{args:?} as {DEV} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         assert!(err.contains("permission denied"), "{args:?}: {err}");
         assert!(err.contains(APPROVERS), "{args:?}: {err}");
-        assert!(out.stdout.is_empty(), "{args:?} printed something: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} printed something: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     // `nobody`, in no group at all, cannot even reach the socket.
     for args in [vec!["approve", id.as_str()], vec!["events", "--json"]] {
         let out = cli_as("nobody", &cg, &agent, &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} as nobody succeeded");
-        assert!(err.to_lowercase().contains("permission denied"), "{args:?}: {err}");
+        assert!(
+            err.to_lowercase().contains("permission denied"),
+            "{args:?}: {err}"
+        );
     }
 
     // Nothing changed: the hold still waits, nothing left, no decision recorded.
@@ -412,7 +516,12 @@ fn a_new_hold_fires_the_hook_and_the_webhook_which_is_not_intercepted() {
     let agent = start_agent(
         &cg,
         dir.path(),
-        &["--notify-command", script.to_str().unwrap(), "--notify-webhook", &webhook],
+        &[
+            "--notify-command",
+            script.to_str().unwrap(),
+            "--notify-webhook",
+            &webhook,
+        ],
         AgentOptions {
             agent_cgroup: Some(cg.child("agent")),
             ..Default::default()
@@ -421,7 +530,13 @@ fn a_new_hold_fires_the_hook_and_the_webhook_which_is_not_intercepted() {
 
     let curl = spawn_curl(
         &cg,
-        &["-w", "\n%{http_code}", "--data-binary", "q=1", &format!("http://{}/upload/n", server.addr)],
+        &[
+            "-w",
+            "\n%{http_code}",
+            "--data-binary",
+            &format!("note=hello&aws_key={AWS_KEY}"),
+            &format!("http://{}/upload/n", server.addr),
+        ],
     );
     let id = wait_hold(&agent, "/upload/n")["id"].as_u64().unwrap();
 
@@ -434,14 +549,42 @@ fn a_new_hold_fires_the_hook_and_the_webhook_which_is_not_intercepted() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let summary: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    let stdin_bytes = std::fs::read(&out_file).unwrap();
+    let summary: Value = serde_json::from_slice(&stdin_bytes).unwrap();
+    // The summary is masked: the key found in the body is not in it.
+    assert!(!contains(&stdin_bytes, AWS_KEY.as_bytes()), "{summary:#}");
+    assert!(!contains(
+        &hook_server.requests()[0].body,
+        AWS_KEY.as_bytes()
+    ));
+    assert!(!contains(
+        &std::fs::read(&env_file).unwrap(),
+        AWS_KEY.as_bytes()
+    ));
+    let found: Vec<&str> = summary["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["detector"].as_str().unwrap())
+        .collect();
+    assert!(found.contains(&"aws-access-key-id"), "{summary:#}");
+    assert!(
+        summary["body_preview"]
+            .as_str()
+            .unwrap()
+            .contains("note=hello"),
+        "{summary:#}"
+    );
     assert_eq!(summary["id"].as_u64(), Some(id), "{summary:#}");
     assert_eq!(summary["path"], "/upload/n");
     assert_eq!(summary["rule"], "hold-uploads");
     assert!(summary["exe"].as_str().unwrap().ends_with("curl"));
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(env.contains(&format!("GUARD_HOLD_ID={id}")), "{env}");
-    assert!(env.contains(&format!("GUARD_APPROVE_COMMAND=guard-agent approve {id}")), "{env}");
+    assert!(
+        env.contains(&format!("GUARD_APPROVE_COMMAND=guard-agent approve {id}")),
+        "{env}"
+    );
 
     let hooks = hook_server.requests();
     assert_eq!(hooks[0].method, "POST");
@@ -449,7 +592,10 @@ fn a_new_hold_fires_the_hook_and_the_webhook_which_is_not_intercepted() {
     let j: Value = serde_json::from_slice(&hooks[0].body).unwrap();
     let text = j["text"].as_str().unwrap();
     assert!(text.contains("/upload/n"), "{text}");
-    assert!(text.contains(&format!("guard-agent approve {id}")), "{text}");
+    assert!(
+        text.contains(&format!("guard-agent approve {id}")),
+        "{text}"
+    );
     assert!(text.contains(&format!("guard-agent deny {id}")), "{text}");
 
     cli_ok(&agent, &["deny", &id.to_string()]);
@@ -457,7 +603,8 @@ fn a_new_hold_fires_the_hook_and_the_webhook_which_is_not_intercepted() {
     // The webhook was not intercepted: no event names its address.
     let all = agent.wait_events(&["--http"], 1);
     assert!(
-        all.iter().all(|e| !e["dst"].as_str().unwrap_or("").starts_with("127.0.0.3")),
+        all.iter()
+            .all(|e| !e["dst"].as_str().unwrap_or("").starts_with("127.0.0.3")),
         "the agent's own webhook call was intercepted: {all:#?}"
     );
     assert!(agent.events(&["--dest", "127.0.0.3"]).is_empty());
@@ -535,7 +682,10 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the agent accepted a 0644 secrets file");
+    assert!(
+        !out.status.success(),
+        "the agent accepted a 0644 secrets file"
+    );
     assert!(err.contains("0644") && err.contains("0600"), "{err}");
     assert!(!err.contains(API_KEY), "{err}");
 
@@ -555,10 +705,21 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
     // curl sends its own (fake) key: dropped, the real one set.
     let out = run_curl(
         &cg,
-        &["-w", "\n%{http_code}", "-H", "X-Api-Key: client-fake", &format!("{base}/api/orders")],
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "X-Api-Key: client-fake",
+            &format!("{base}/api/orders"),
+        ],
     );
     responses.extend(&out.stdout);
-    assert_eq!(status_and_body(&out).0, 200, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        status_and_body(&out).0,
+        200,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // python3 sends none at all.
     let py = cg
         .command("python3")
@@ -570,7 +731,11 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
         .unwrap();
     responses.extend(&py.stdout);
     responses.extend(&py.stderr);
-    assert!(py.status.success(), "python3: {}", String::from_utf8_lossy(&py.stderr));
+    assert!(
+        py.status.success(),
+        "python3: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     assert!(String::from_utf8_lossy(&py.stdout).starts_with("200"));
 
     // A placeholder in a header and in the URL, to the bound host and path.
@@ -602,15 +767,55 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
     let (status, body) = status_and_body(&out);
     assert_eq!(status, 403, "{body}");
     let j: Value = serde_json::from_str(&body).unwrap();
-    assert!(j["reason"].as_str().unwrap().contains("demo-token"), "{j:#}");
+    assert!(
+        j["reason"].as_str().unwrap().contains("demo-token"),
+        "{j:#}"
+    );
     assert!(j["event_id"].as_u64().is_some());
-    assert!(elsewhere.requests().is_empty(), "a placeholder reached another host");
+    assert!(
+        elsewhere.requests().is_empty(),
+        "a placeholder reached another host"
+    );
     let out = run_curl(
         &cg,
-        &["-w", "\n%{http_code}", &format!("{base}/other?k=guard:secret/demo-token")],
+        &[
+            "-w",
+            "\n%{http_code}",
+            &format!("{base}/other?k=guard:secret/demo-token"),
+        ],
     );
     responses.extend(&out.stdout);
     assert_eq!(status_and_body(&out).0, 403);
+
+    // A Host header naming the bound host while connecting elsewhere gets
+    // neither the bound header nor its placeholder filled in.
+    let spoof = format!("http://{}/api/spoof", elsewhere.addr);
+    let out = run_curl(
+        &cg,
+        &["-w", "\n%{http_code}", "-H", "Host: 127.0.0.2", &spoof],
+    );
+    responses.extend(&out.stdout);
+    assert_eq!(status_and_body(&out).0, 200);
+    let out = run_curl(
+        &cg,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Host: 127.0.0.2",
+            "-H",
+            "X-Api-Key: guard:secret/demo-api",
+            &spoof,
+        ],
+    );
+    responses.extend(&out.stdout);
+    assert_eq!(status_and_body(&out).0, 403);
+    let got = elsewhere.requests();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].headers.iter().all(|(k, _)| k != "x-api-key"),
+        "{got:#?}"
+    );
 
     let seen = server.requests();
     assert_eq!(seen.len(), 3, "{seen:#?}");
@@ -622,15 +827,22 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
             .map(|(_, v)| v.clone())
             .collect()
     };
-    assert_eq!(get(0, "x-api-key"), [API_KEY], "the client's own value must be dropped");
+    assert_eq!(
+        get(0, "x-api-key"),
+        [API_KEY],
+        "the client's own value must be dropped"
+    );
     assert_eq!(get(1, "x-api-key"), [API_KEY]);
     assert_eq!(get(2, "authorization"), [format!("Bearer {TOKEN}")]);
     assert_eq!(seen[2].path, format!("/tok/x?key={TOKEN}"));
 
     // The store saw the placeholder, not the secret.
-    let events = agent.wait_events(&["--http"], 5);
+    let events = agent.wait_events(&["--http"], 7);
     let tok = event_for(&events, "/tok/x");
-    assert!(tok.to_string().contains("guard:secret/demo-token"), "{tok:#}");
+    assert!(
+        tok.to_string().contains("guard:secret/demo-token"),
+        "{tok:#}"
+    );
     let steal = event_for(&events, "/steal");
     assert_eq!(steal["verdict"], "block");
     let events_text = cli_ok(&agent, &["events", "--json"]);
@@ -653,7 +865,10 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
         assert!(!contains(&store, s), "{secret} is in the store's bytes");
         assert!(!contains(&log, s), "{secret} is in the agent log");
         assert!(!contains(&responses, s), "{secret} reached a client");
-        assert!(!contains(events_text.as_bytes(), s), "{secret} is in `events`");
+        assert!(
+            !contains(events_text.as_bytes(), s),
+            "{secret} is in `events`"
+        );
         assert!(!contains(&explain.stdout, s) && !contains(&explain.stderr, s));
     }
 }

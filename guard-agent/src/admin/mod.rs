@@ -33,7 +33,7 @@ use tokio::{
 pub use protocol::{Request, Response, Status};
 
 use crate::{
-    approval::{Approver, Approvals},
+    approval::{Approvals, Approver},
     bpf::PROGRAMS,
     cgroup,
     config::AgentConfig,

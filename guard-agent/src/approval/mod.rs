@@ -33,7 +33,7 @@ use tokio::sync::{broadcast, oneshot};
 
 pub use grant::{Grant, GrantQuery, Scope};
 pub use hold::{Approver, DecisionRequest, HoldSummary, Outcome};
-pub use notify::{NotifySettings, Notifier};
+pub use notify::{Notifier, NotifySettings};
 
 use crate::store::{AdminRecord, Event, EventKind, EventSink};
 
@@ -137,7 +137,10 @@ impl Approvals {
                 tx,
             },
         );
-        let _guard = HoldGuard { approvals: self, id };
+        let _guard = HoldGuard {
+            approvals: self,
+            id,
+        };
         tracing::info!(
             hold = id,
             rule = %summary.rule,

@@ -90,7 +90,11 @@ impl Notifier {
             let s = s.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.run_hook(&s).await {
-                    tracing::warn!(hold = s.id, "notify command {:?} failed: {e}", me.settings.command[0]);
+                    tracing::warn!(
+                        hold = s.id,
+                        "notify command {:?} failed: {e}",
+                        me.settings.command[0]
+                    );
                 }
             });
         }
@@ -152,7 +156,10 @@ impl Notifier {
             _ => return Err("only http:// and https:// webhooks are supported".into()),
         };
         let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let bare = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let addr = tokio::net::lookup_host((bare.as_str(), port))
             .await
             .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -171,7 +178,11 @@ impl Notifier {
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_owned();
-        let authority = url.authority().map(|a| a.as_str()).unwrap_or(&host).to_owned();
+        let authority = url
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or(&host)
+            .to_owned();
         let req = Request::post(pq)
             .header(header::HOST, authority)
             .header(header::CONTENT_TYPE, "application/json")

@@ -115,7 +115,11 @@ fn print_hold(out: &mut impl Write, h: &HoldSummary, json: bool) -> std::io::Res
         h.rule,
         h.reason
     )?;
-    let q = h.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default();
+    let q = h
+        .query
+        .as_deref()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     writeln!(
         out,
         "  request:  {} {}://{}{}{}  ({})",
@@ -143,10 +147,18 @@ fn print_hold(out: &mut impl Write, h: &HoldSummary, json: bool) -> std::io::Res
         writeln!(out, "  started by: {}", chain.join(" ← "))?;
     }
     for f in &h.findings {
-        writeln!(out, "  finding:  {} at {}: {}", f.detector, f.location, f.masked)?;
+        writeln!(
+            out,
+            "  finding:  {} at {}: {}",
+            f.detector, f.location, f.masked
+        )?;
     }
     if let Some(b) = &h.body_preview {
-        let one_line: String = b.chars().take(200).map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let one_line: String = b
+            .chars()
+            .take(200)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         writeln!(out, "  body:     {one_line}")?;
     }
     writeln!(
@@ -162,7 +174,9 @@ fn print_grant(out: &mut impl Write, g: &Grant, json: bool) -> std::io::Result<(
         serde_json::to_writer(&mut *out, g)?;
         return writeln!(out);
     }
-    let left = (g.expires - time::OffsetDateTime::now_utc()).whole_seconds().max(0);
+    let left = (g.expires - time::OffsetDateTime::now_utc())
+        .whole_seconds()
+        .max(0);
     writeln!(
         out,
         "grant {}  {}  {}s left  by {} (uid {})  from hold {}{}",
@@ -172,7 +186,10 @@ fn print_grant(out: &mut impl Write, g: &Grant, json: bool) -> std::io::Result<(
         g.by_user.as_deref().unwrap_or("?"),
         g.by_uid,
         g.hold_id,
-        g.note.as_deref().map(|n| format!("  note: {n}")).unwrap_or_default()
+        g.note
+            .as_deref()
+            .map(|n| format!("  note: {n}"))
+            .unwrap_or_default()
     )
 }
 

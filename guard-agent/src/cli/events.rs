@@ -150,12 +150,16 @@ impl Printer {
             .or(e.comm.as_deref());
         let (what, out_b, in_b) = match (&e.http, &e.admin) {
             (None, Some(a)) => {
-                let target = a
-                    .hold_id
-                    .map(|h| format!(" hold {h}"))
+                let target = a.hold_id.map(|h| format!(" hold {h}")).unwrap_or_default();
+                let grant = a
+                    .grant_id
+                    .map(|g| format!(" grant {g}"))
                     .unwrap_or_default();
-                let grant = a.grant_id.map(|g| format!(" grant {g}")).unwrap_or_default();
-                (format!("{} {}{target}{grant}", e.kind.as_str(), a.action), 0, 0)
+                (
+                    format!("{} {}{target}{grant}", e.kind.as_str(), a.action),
+                    0,
+                    0,
+                )
             }
             (Some(h), _) => (
                 format!(
@@ -187,11 +191,14 @@ impl Printer {
             (Some(err), _) => err.clone(),
             (None, _) if e.admin.is_some() => {
                 let a = e.admin.as_ref().expect("checked");
-                [a.detail.clone(), a.note.clone().map(|n| format!("note: {n}"))]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                [
+                    a.detail.clone(),
+                    a.note.clone().map(|n| format!("note: {n}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; ")
             }
             (None, Some(p)) if e.verdict != Verdict::Allow || !e.findings.is_empty() => {
                 let found: Vec<&str> = e.findings.iter().map(|f| f.detector.as_str()).collect();

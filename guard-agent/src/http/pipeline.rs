@@ -308,8 +308,14 @@ async fn handle(
         apply_masks(&ctx.inspector, &mut parts, &inspection);
     }
 
-    // 5. Inject credentials (after everything recorded was taken).
-    if let Err(e) = ctx.secrets.inject(&host, &mut parts) {
+    // 5. Inject credentials (after everything recorded was taken), for the
+    // destination the agent verified, not the one the client claims.
+    let target = if ctx.secrets.is_empty() {
+        host.clone()
+    } else {
+        verified_host(&ctx, &host).await
+    };
+    if let Err(e) = ctx.secrets.inject(&target, &mut parts) {
         ev.verdict = Verdict::Block;
         ev.error = Some(e.to_string());
         rec.status = Some(403);
@@ -439,6 +445,33 @@ async fn handle(
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
+}
+
+/// The destination name credentials may be injected for: one the agent
+/// verified, never the Host header alone (a client could name a bound host
+/// while connecting elsewhere). HTTPS: the SNI the upstream certificate was
+/// verified against. Plaintext: the original destination address, or the
+/// Host name when it resolves to that address.
+async fn verified_host(ctx: &ConnContext, host: &str) -> String {
+    let ip = ctx.dst.ip().to_string();
+    if ctx.scheme == "https" {
+        return ctx
+            .sni
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or(ip);
+    }
+    if host == ip || host.parse::<std::net::IpAddr>().is_ok() || !ctx.secrets.binds_host(host) {
+        return ip;
+    }
+    let resolves_there = tokio::net::lookup_host((host, ctx.dst.port()))
+        .await
+        .is_ok_and(|mut addrs| addrs.any(|a| a.ip().to_canonical() == ctx.dst.ip()));
+    if resolves_there {
+        host.to_owned()
+    } else {
+        ip
+    }
 }
 
 /// Holds a `RequireApproval` request until it is approved (or a grant

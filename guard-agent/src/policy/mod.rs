@@ -57,8 +57,7 @@ pub mod schema;
 
 pub use compile::CompiledPolicy;
 pub use decide::{
-    Condition, Decision, FindingFact, MaskScope, RequestFacts, Verdict,
-    DEFAULT_RULE,
+    Condition, Decision, FindingFact, MaskScope, RequestFacts, Verdict, DEFAULT_RULE,
 };
 pub use detectors::{is_builtin, BUILTIN_DETECTORS, DETECTOR_GROUPS};
 pub use explain::{Explanation, RuleOutcome, RuleTrace};

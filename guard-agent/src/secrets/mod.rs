@@ -11,6 +11,9 @@
 //! - a placeholder for a host (or path) its secret is not bound to blocks
 //!   the request, so a placeholder cannot carry a secret elsewhere;
 //! - errors, `Debug` output and logs name secrets, never print values;
+//! - the caller matches bindings against a destination it verified (the
+//!   upstream certificate's name, or the original address), never the
+//!   Host header alone;
 //! - the secrets file is root-owned and 0600 or the agent refuses it.
 
 pub mod file;
@@ -150,7 +153,9 @@ impl Secrets {
                 let g = GlobBuilder::new(h)
                     .case_insensitive(true)
                     .build()
-                    .map_err(|e| invalid(format!("bindings[{i}].hosts[{j}]"), format!("`{h}`: {e}")))?;
+                    .map_err(|e| {
+                        invalid(format!("bindings[{i}].hosts[{j}]"), format!("`{h}`: {e}"))
+                    })?;
                 hosts.add(g);
             }
             let hosts = hosts
@@ -201,6 +206,11 @@ impl Secrets {
         self.secrets.is_empty()
     }
 
+    /// Whether any binding names `host` (whatever the path).
+    pub fn binds_host(&self, host: &str) -> bool {
+        self.bindings.iter().any(|b| b.hosts.is_match(host))
+    }
+
     /// Names of the loaded secrets.
     pub fn names(&self) -> Vec<String> {
         self.secrets.iter().map(|s| s.name.to_string()).collect()
@@ -245,19 +255,20 @@ impl Secrets {
         let mut replaced: Vec<(HeaderName, Vec<HeaderValue>)> = Vec::new();
         for name in parts.headers.keys() {
             let values = parts.headers.get_all(name);
-            if !values
-                .iter()
-                .any(|v| memchr::memmem::find(v.as_bytes(), PLACEHOLDER_PREFIX.as_bytes()).is_some())
-            {
+            if !values.iter().any(|v| {
+                memchr::memmem::find(v.as_bytes(), PLACEHOLDER_PREFIX.as_bytes()).is_some()
+            }) {
                 continue;
             }
             let mut out = Vec::new();
             for v in values {
                 let text = String::from_utf8_lossy(v.as_bytes());
                 let filled = self.fill(&text, host, &path, &mut done, |s| s.to_owned())?;
-                out.push(HeaderValue::from_str(&filled).map_err(|_| InjectError::Unknown {
-                    name: "(not a header value)".into(),
-                })?);
+                out.push(
+                    HeaderValue::from_str(&filled).map_err(|_| InjectError::Unknown {
+                        name: "(not a header value)".into(),
+                    })?,
+                );
             }
             replaced.push((name.clone(), out));
         }
@@ -393,7 +404,10 @@ mod tests {
         let e = s.inject("evil.example", &mut p).unwrap_err();
         assert!(matches!(e, InjectError::Unbound { .. }), "{e}");
         let msg = e.to_string();
-        assert!(msg.contains("billing") && msg.contains("evil.example"), "{msg}");
+        assert!(
+            msg.contains("billing") && msg.contains("evil.example"),
+            "{msg}"
+        );
         assert!(!msg.contains("TOPSECRET"), "{msg}");
         let mut p = parts("/?k=guard:secret/nope", &[]);
         assert!(matches!(
@@ -405,8 +419,11 @@ mod tests {
     #[test]
     fn a_binding_to_an_undefined_secret_names_the_field() {
         let p = Path::new("/etc/guard/secrets.ron");
-        let f = file::parse(p, r#"(secrets: [], bindings: [(secret: "x", hosts: ["h"])])"#)
-            .unwrap();
+        let f = file::parse(
+            p,
+            r#"(secrets: [], bindings: [(secret: "x", hosts: ["h"])])"#,
+        )
+        .unwrap();
         let e = Secrets::compile(p, f).unwrap_err().to_string();
         assert!(e.contains("bindings[0].secret"), "{e}");
         assert!(e.contains("/etc/guard/secrets.ron"), "{e}");
