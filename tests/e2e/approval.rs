@@ -12,8 +12,10 @@ use std::{
 };
 
 use guard_harness::{
-    agent_bin, external_v4, read_line_until, require_root, servers::HttpServer, Agent,
-    AgentOptions, TestCgroup,
+    agent_bin, external_v4, read_line_until, require_root,
+    servers::HttpServer,
+    tls_server::{CertKind, TestCa, TlsServer},
+    Agent, AgentOptions, TestCgroup,
 };
 use serde_json::Value;
 
@@ -871,4 +873,80 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
         );
         assert!(!contains(&explain.stdout, s) && !contains(&explain.stderr, s));
     }
+}
+
+#[test]
+fn https_credentials_follow_the_verified_server_name_not_the_host_header() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    let cg = TestCgroup::new("appr-tls");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("secrets.ron");
+    std::fs::write(
+        &file,
+        format!(
+            r#"(secrets: [(name: "tls-api", value: "{API_KEY}")],
+                bindings: [(secret: "tls-api", hosts: ["api.test"], header: ("Authorization", "Bearer {{secret}}"))])"#
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into()],
+        extra_args: vec![
+            "--upstream-root".into(),
+            ca.pem_path().display().to_string(),
+            "--secrets-file".into(),
+            file.display().to_string(),
+        ],
+        ..Default::default()
+    });
+    let curl = |sni: &str, extra: &[&str], path: &str| -> Output {
+        let out = agent
+            .exec("curl")
+            .args(["-sS", "--max-time", "20", "--http2", "--resolve"])
+            .arg(format!("{sni}:{port}:127.0.0.2"))
+            .args(extra)
+            .arg(format!("https://{sni}:{port}{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!contains(&out.stdout, API_KEY.as_bytes()));
+        out
+    };
+    curl("api.test", &["-H", "Authorization: Bearer mine"], "/real");
+    // SNI `localhost` (the certificate covers it) with a Host of `api.test`.
+    curl("localhost", &["-H", "Host: api.test"], "/spoofed");
+
+    let seen = server.requests();
+    let auth = |path: &str| -> Vec<String> {
+        let r = seen
+            .iter()
+            .find(|r| r.path == path)
+            .unwrap_or_else(|| panic!("no {path}: {seen:#?}"));
+        r.headers
+            .iter()
+            .filter(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    assert_eq!(auth("/real"), [format!("Bearer {API_KEY}")]);
+    let spoofed = seen.iter().find(|r| r.path == "/spoofed").unwrap();
+    assert!(
+        spoofed.host.as_deref().is_some_and(|h| h.starts_with("api.test")),
+        "the spoofed Host did not reach the server: {spoofed:?}"
+    );
+    assert!(
+        auth("/spoofed").is_empty(),
+        "injected for a Host header the server name does not back"
+    );
+    let events = agent.wait_events(&["--http"], 2);
+    assert!(!events.iter().any(|e| e.to_string().contains(API_KEY)));
 }
