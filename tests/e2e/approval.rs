@@ -940,7 +940,10 @@ fn https_credentials_follow_the_verified_server_name_not_the_host_header() {
     assert_eq!(auth("/real"), [format!("Bearer {API_KEY}")]);
     let spoofed = seen.iter().find(|r| r.path == "/spoofed").unwrap();
     assert!(
-        spoofed.host.as_deref().is_some_and(|h| h.starts_with("api.test")),
+        spoofed
+            .host
+            .as_deref()
+            .is_some_and(|h| h.starts_with("api.test")),
         "the spoofed Host did not reach the server: {spoofed:?}"
     );
     assert!(
