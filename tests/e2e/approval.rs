@@ -953,3 +953,53 @@ fn https_credentials_follow_the_verified_server_name_not_the_host_header() {
     let events = agent.wait_events(&["--http"], 2);
     assert!(!events.iter().any(|e| e.to_string().contains(API_KEY)));
 }
+
+#[test]
+fn an_opaque_tcp_connection_is_held_as_a_whole() {
+    require_root();
+    let echo = guard_harness::servers::EchoServer::start(external_v4(0));
+    let cg = TestCgroup::new("appr-tcp");
+    let dir = policy_dir(
+        r#"Policy(name: "tcp-hold", mode: Enforce, default: Allow, rules: [
+            Rule(name: "hold-raw-tcp", when: (protocol: [Tcp]),
+                 action: RequireApproval(timeout: "60s", reason: "raw TCP")),
+        ])"#,
+    );
+    let agent = start_agent(&cg, dir.path(), &[], AgentOptions::default());
+    let client = |line: &str| -> Child {
+        cg.command("python3")
+            .arg("-c")
+            .arg(format!(
+                "import socket\ns = socket.create_connection(('127.0.0.2', {}), timeout=60)\ns.sendall(b'{line}\\n')\ntry:\n    print(s.recv(100).decode().strip())\nexcept OSError as e:\n    print('error', e)\n",
+                echo.addr.port()
+            ))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    let first = client("hello guard");
+    let hold = wait_hold(&agent, "");
+    assert_eq!(hold["method"], "CONNECT", "{hold:#}");
+    assert_eq!(hold["scheme"], "tcp");
+    assert_eq!(hold["rule"], "hold-raw-tcp");
+    assert!(hold["exe"].as_str().unwrap().contains("python"), "{hold:#}");
+    cli_ok(&agent, &["approve", &hold["id"].to_string()]);
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello guard");
+
+    let second = client("not you");
+    let id = wait_hold(&agent, "")["id"].to_string();
+    cli_ok(&agent, &["deny", &id]);
+    let out = second.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !said.contains("not you"),
+        "a denied connection was spliced: {said}"
+    );
+
+    let conns = agent.wait_events(&["--kind", "connection", "--verdict", "block"], 1);
+    assert_eq!(conns[0]["admin"]["action"], "deny", "{conns:#?}");
+    assert_eq!(conns[0]["id"].to_string(), id);
+}

@@ -116,6 +116,25 @@ pub struct DecisionRequest {
     pub note: Option<String>,
 }
 
+/// What is held, as recorded (masked): for a connection without HTTP,
+/// `method` and `path` say so.
+#[derive(Debug, Clone)]
+pub struct HeldRequest {
+    pub method: String,
+    pub scheme: String,
+    pub host: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub body_preview: Option<String>,
+}
+
+/// Why a held request was not let through.
+#[derive(Debug, Clone)]
+pub enum Denial {
+    Denied { by: Approver, note: Option<String> },
+    TimedOut { after: Duration },
+}
+
 /// How a hold ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {

@@ -32,7 +32,7 @@ use time::OffsetDateTime;
 use tokio::sync::{broadcast, oneshot};
 
 pub use grant::{Grant, GrantQuery, Scope};
-pub use hold::{Approver, DecisionRequest, HoldSummary, Outcome};
+pub use hold::{Approver, DecisionRequest, Denial, HeldRequest, HoldSummary, Outcome};
 pub use notify::{Notifier, NotifySettings};
 
 use crate::store::{AdminRecord, Event, EventKind, EventSink};
@@ -167,6 +167,92 @@ impl Approvals {
                 Outcome::TimedOut { after: timeout }
             }
         }
+    }
+
+    /// Lets the request or connection `ev` describes through once a grant
+    /// covers it or someone approves it; `Err` when it was denied or timed
+    /// out. Records how it ended in `ev.admin`.
+    pub async fn admit(
+        &self,
+        ev: &mut Event,
+        what: HeldRequest,
+        rule: &str,
+        timeout: Duration,
+        reason: &str,
+    ) -> Result<(), Denial> {
+        let q = GrantQuery {
+            uid: ev.uid,
+            host: &what.host,
+            rule,
+        };
+        if let Some(g) = self.grant_for(&q) {
+            ev.admin = Some(AdminRecord {
+                action: "granted".into(),
+                by_uid: Some(g.by_uid),
+                by_user: g.by_user.clone(),
+                note: g.note.clone(),
+                hold_id: Some(g.hold_id),
+                grant_id: Some(g.id),
+                scope: Some(g.scope.as_str().into()),
+                expires: Some(g.expires),
+                detail: None,
+            });
+            return Ok(());
+        }
+        let summary = HoldSummary {
+            id: ev.id,
+            since: OffsetDateTime::now_utc(),
+            timeout_secs: timeout.as_secs(),
+            rule: rule.to_owned(),
+            reason: reason.to_owned(),
+            pid: ev.pid,
+            uid: ev.uid,
+            user: ev.user.clone(),
+            comm: ev.comm.clone(),
+            exe: ev.exe.clone(),
+            ancestors: ev.ancestors.clone(),
+            cgroup: ev.cgroup.clone(),
+            dst: ev.dst.clone(),
+            host: what.host,
+            method: what.method,
+            scheme: what.scheme,
+            path: what.path,
+            query: what.query,
+            findings: ev.findings.clone(),
+            body_preview: what.body_preview,
+        };
+        let waited = std::time::Instant::now();
+        let outcome = self.hold(summary, timeout).await;
+        let mut record = AdminRecord {
+            hold_id: Some(ev.id),
+            detail: Some(format!("held {:.1}s", waited.elapsed().as_secs_f64())),
+            ..Default::default()
+        };
+        let result = match outcome {
+            Outcome::Approved { by, note, grant } => {
+                record.action = "approve".into();
+                record.by_uid = Some(by.uid);
+                record.by_user = by.user;
+                record.note = note;
+                record.grant_id = grant.as_ref().map(|g| g.id);
+                record.scope = grant.as_ref().map(|g| g.scope.as_str().into());
+                record.expires = grant.as_ref().map(|g| g.expires);
+                Ok(())
+            }
+            Outcome::Denied { by, note } => {
+                record.action = "deny".into();
+                record.by_uid = Some(by.uid);
+                record.by_user = by.user.clone();
+                record.note = note.clone();
+                Err(Denial::Denied { by, note })
+            }
+            Outcome::TimedOut { after } => {
+                record.action = "timeout".into();
+                Err(Denial::TimedOut { after })
+            }
+        };
+        ev.admin = Some(record);
+        result
     }
 
     /// Pending holds, oldest first.

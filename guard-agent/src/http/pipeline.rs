@@ -36,13 +36,13 @@ use super::{
     upstream::{Upstream, UpstreamFailure},
 };
 use crate::{
-    approval::{Approvals, GrantQuery, HoldSummary, Outcome},
+    approval::{Approvals, Denial, HeldRequest},
     policy::{
         CompiledPolicy, Decision, FindingFact, Mode, Protocol, RequestFacts,
         Verdict as PolicyVerdict,
     },
     secrets::Secrets,
-    store::{AdminRecord, Event, EventKind, EventSink, HttpRecord, PolicyRecord, Verdict},
+    store::{Event, EventKind, EventSink, HttpRecord, PolicyRecord, Verdict},
 };
 
 /// What every request on one client connection shares.
@@ -484,96 +484,35 @@ async fn await_approval(
     timeout: std::time::Duration,
     reason: &str,
 ) -> Option<serde_json::Value> {
-    let q = GrantQuery {
-        uid: ev.uid,
-        host: &rec.host,
-        rule,
-    };
-    if let Some(g) = ctx.approvals.grant_for(&q) {
-        ev.admin = Some(AdminRecord {
-            action: "granted".into(),
-            by_uid: Some(g.by_uid),
-            by_user: g.by_user.clone(),
-            note: g.note.clone(),
-            hold_id: Some(g.hold_id),
-            grant_id: Some(g.id),
-            scope: Some(g.scope.as_str().into()),
-            expires: Some(g.expires),
-            detail: None,
-        });
-        return None;
-    }
-    let summary = HoldSummary {
-        id: ev.id,
-        since: OffsetDateTime::now_utc(),
-        timeout_secs: timeout.as_secs(),
-        rule: rule.to_owned(),
-        reason: reason.to_owned(),
-        pid: ev.pid,
-        uid: ev.uid,
-        user: ev.user.clone(),
-        comm: ev.comm.clone(),
-        exe: ev.exe.clone(),
-        ancestors: ev.ancestors.clone(),
-        cgroup: ev.cgroup.clone(),
-        dst: ev.dst.clone(),
-        host: rec.host.clone(),
+    let what = HeldRequest {
         method: rec.method.clone(),
         scheme: rec.scheme.clone(),
+        host: rec.host.clone(),
         path: rec.path.clone(),
         query: rec.query.clone(),
-        findings: ev.findings.clone(),
         body_preview: rec.request_excerpt.clone(),
     };
-    let waited = Instant::now();
-    let outcome = ctx.approvals.hold(summary, timeout).await;
-    let mut record = AdminRecord {
-        hold_id: Some(ev.id),
-        detail: Some(format!("held {:.1}s", waited.elapsed().as_secs_f64())),
-        ..Default::default()
-    };
-    let body = match outcome {
-        Outcome::Approved { by, note, grant } => {
-            record.action = "approve".into();
-            record.by_uid = Some(by.uid);
-            record.by_user = by.user;
-            record.note = note;
-            record.grant_id = grant.as_ref().map(|g| g.id);
-            record.scope = grant.as_ref().map(|g| g.scope.as_str().into());
-            record.expires = grant.as_ref().map(|g| g.expires);
-            None
-        }
-        Outcome::Denied { by, note } => {
-            let who = by.user.clone().unwrap_or_else(|| format!("uid {}", by.uid));
-            record.action = "deny".into();
-            record.by_uid = Some(by.uid);
-            record.by_user = by.user;
-            record.note = note.clone();
-            Some(json!({
-                "error": "denied by an approver",
-                "reason": reason,
-                "rule": rule,
-                "denied_by": who,
-                "note": note,
-                "event_id": ev.id,
-            }))
-        }
-        Outcome::TimedOut { after } => {
-            record.action = "timeout".into();
-            Some(json!({
-                "error": "approval timed out",
-                "reason": reason,
-                "rule": rule,
-                "detail": format!(
-                    "nobody approved this request within {}; a timeout counts as a denial",
-                    humantime::format_duration(after)
-                ),
-                "event_id": ev.id,
-            }))
-        }
-    };
-    ev.admin = Some(record);
-    body
+    match ctx.approvals.admit(ev, what, rule, timeout, reason).await {
+        Ok(()) => None,
+        Err(Denial::Denied { by, note }) => Some(json!({
+            "error": "denied by an approver",
+            "reason": reason,
+            "rule": rule,
+            "denied_by": by.user.clone().unwrap_or_else(|| format!("uid {}", by.uid)),
+            "note": note,
+            "event_id": ev.id,
+        })),
+        Err(Denial::TimedOut { after }) => Some(json!({
+            "error": "approval timed out",
+            "reason": reason,
+            "rule": rule,
+            "detail": format!(
+                "nobody approved this request within {}; a timeout counts as a denial",
+                humantime::format_duration(after)
+            ),
+            "event_id": ev.id,
+        })),
+    }
 }
 
 /// Writes masked URL and header values into the request.

@@ -359,6 +359,44 @@ async fn l4_splice(
         reset(client);
         return None;
     }
+    // A connection Guard cannot read is held as a whole: nothing is spliced
+    // before an approval (or a grant); a denial resets it.
+    if let PolicyVerdict::RequireApproval { timeout, reason } = &decision.action {
+        if ev.id == 0 {
+            ev.id = ctx.sink.reserve_id();
+        }
+        ev.policy = Some(PolicyRecord {
+            rule: decision.rule.to_string(),
+            action: "require_approval".into(),
+            mode: "enforce".into(),
+            would_have: None,
+            reason: Some(reason.to_string()),
+        });
+        let what = crate::approval::HeldRequest {
+            method: "CONNECT".into(),
+            scheme: match facts.protocol {
+                Some(Protocol::Tls) => "tls".into(),
+                _ => "tcp".into(),
+            },
+            host: ev
+                .host
+                .clone()
+                .or_else(|| facts.dest_ip.map(|ip| ip.to_string()))
+                .unwrap_or_default(),
+            path: String::new(),
+            query: None,
+            body_preview: None,
+        };
+        let admitted = ctx
+            .approvals
+            .admit(ev, what, &decision.rule, *timeout, reason)
+            .await;
+        if admitted.is_err() {
+            ev.verdict = Verdict::Block;
+            reset(client);
+            return None;
+        }
+    }
     splice(client, up, counts)
         .await
         .err()
