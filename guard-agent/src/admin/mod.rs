@@ -419,4 +419,33 @@ mod tests {
         assert!(authorized(1000, 977, None, Some(977)));
         assert!(!authorized(1000, 1000, None, Some(977)));
     }
+
+    #[test]
+    fn events_and_decisions_need_an_approver_status_and_exec_do_not() {
+        use crate::approval::{DecisionRequest, Scope};
+        assert!(!Request::Status.needs_approver());
+        assert!(!Request::Exec.needs_approver());
+        assert!(Request::Events {
+            filter: Default::default(),
+            follow: false
+        }
+        .needs_approver());
+        assert!(Request::Approvals { follow: true }.needs_approver());
+        assert!(Request::Grants.needs_approver());
+        assert!(Request::Decide {
+            id: 1,
+            decision: DecisionRequest {
+                approve: true,
+                scope: Scope::Request,
+                duration_secs: None,
+                note: None,
+            },
+        }
+        .needs_approver());
+        assert!(Request::Revoke {
+            grant_id: 1,
+            note: None
+        }
+        .needs_approver());
+    }
 }

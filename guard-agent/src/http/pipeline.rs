@@ -1,7 +1,7 @@
 //! The per-request pipeline, one named step after another:
 //! read → inspect (DLP) → decide (policy) → act (allow, mask, block, hold
-//! for approval) → inject credentials → forward → record. Serves one client connection with hyper (HTTP/1.1 or
-//! HTTP/2, whichever the connection speaks).
+//! for approval) → inject credentials → forward → record. Serves one client
+//! connection with hyper (HTTP/1.1 or HTTP/2, whichever it speaks).
 //!
 //! Invariants: a request leaves only after the decision; a blocked request
 //! never leaves; every request ends in exactly one event, and what the event
