@@ -44,6 +44,15 @@ pub struct ConfigFile {
     pub udp_block: Option<Vec<crate::dns::settings::UdpRuleFile>>,
     /// Exceptions to `udp_block`.
     pub udp_allow: Option<Vec<crate::dns::settings::UdpRuleFile>>,
+    /// Group whose members may list, approve and deny holds and read
+    /// events (besides root). Default: the admin group.
+    pub approver_group: Option<String>,
+    /// Program and arguments run for each new hold (summary JSON on stdin).
+    pub notify_command: Option<Vec<String>>,
+    /// URL receiving a Slack-compatible `{"text": ...}` for each new hold.
+    pub notify_webhook: Option<String>,
+    /// Secrets for credential injection (RON, root-owned, mode 0600).
+    pub secrets_file: Option<PathBuf>,
 }
 
 /// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
@@ -69,6 +78,12 @@ pub struct ConfigFlags {
     pub tls_passthrough: Vec<String>,
     pub no_inspect_tls: bool,
     pub dns: crate::dns::settings::DnsFlags,
+    pub admin_group: Option<String>,
+    pub approver_group: Option<String>,
+    /// A program (no arguments) run for each new hold.
+    pub notify_command: Option<String>,
+    pub notify_webhook: Option<String>,
+    pub secrets_file: Option<PathBuf>,
 }
 
 /// How long and how much the event store keeps.
@@ -116,6 +131,13 @@ pub struct AgentConfig {
     pub dns: crate::dns::settings::DnsSettings,
     /// UDP destinations refused in the kernel.
     pub udp: crate::dns::settings::UdpRules,
+    /// Root and this group may decide holds and read events.
+    pub approver_group: String,
+    /// Hook run for each new hold (empty: none).
+    pub notify_command: Vec<String>,
+    /// Webhook for each new hold.
+    pub notify_webhook: Option<http::Uri>,
+    pub secrets_file: Option<PathBuf>,
 }
 
 /// A configuration problem, with where it is.
@@ -337,7 +359,46 @@ impl AgentConfig {
         } else {
             flags.upstream_roots
         };
+        let admin_group = flags
+            .admin_group
+            .or(file.admin_group)
+            .unwrap_or_else(|| "guard".to_owned());
+        let approver_group = flags
+            .approver_group
+            .or(file.approver_group)
+            .unwrap_or_else(|| admin_group.clone());
+        let notify_command = match flags.notify_command {
+            Some(p) => vec![p],
+            None => file.notify_command.unwrap_or_default(),
+        };
+        if notify_command.first().is_some_and(|p| p.is_empty()) {
+            return Err(field_err(&origin, "notify_command", "the program is empty"));
+        }
+        let notify_webhook = match flags.notify_webhook.or(file.notify_webhook) {
+            None => None,
+            Some(u) => {
+                let uri: http::Uri = u.parse().map_err(|e| {
+                    field_err(
+                        &origin,
+                        "notify_webhook",
+                        format!("`{u}` is not a URL: {e}"),
+                    )
+                })?;
+                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                    return Err(field_err(
+                        &origin,
+                        "notify_webhook",
+                        format!("`{u}`: expected an http:// or https:// URL with a host"),
+                    ));
+                }
+                Some(uri)
+            }
+        };
         Ok(Self {
+            approver_group,
+            notify_command,
+            notify_webhook,
+            secrets_file: flags.secrets_file.or(file.secrets_file),
             policy_dir: flags.policy_dir.or(file.policy_dir),
             upstream_roots,
             tls_passthrough,
@@ -354,7 +415,7 @@ impl AgentConfig {
             intercept,
             exclude,
             mark: file.mark.unwrap_or(DEFAULT_MARK),
-            admin_group: file.admin_group.unwrap_or_else(|| "guard".to_owned()),
+            admin_group,
             retention,
             dns,
             udp,
@@ -426,6 +487,20 @@ mod tests {
         };
         let c = AgentConfig::build(Some((p, f)), flags).unwrap();
         assert_eq!(c.listen_v4.unwrap().port(), 2);
+    }
+
+    #[test]
+    fn approver_group_defaults_to_the_admin_group() {
+        let c = parse(r#"(cgroups: ["/a"], admin_group: "ops")"#).unwrap();
+        assert_eq!(c.approver_group, "ops");
+        let c = parse(r#"(cgroups: ["/a"], approver_group: "leads", notify_command: ["notify-send", "Guard"], notify_webhook: "https://hooks.example/x")"#).unwrap();
+        assert_eq!(c.approver_group, "leads");
+        assert_eq!(c.admin_group, "guard");
+        assert_eq!(c.notify_command, vec!["notify-send", "Guard"]);
+        let e = parse(r#"(cgroups: ["/a"], notify_webhook: "ftp://x")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("notify_webhook"), "{e}");
     }
 
     #[test]

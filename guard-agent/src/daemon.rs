@@ -23,6 +23,7 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 
 use crate::{
     admin::{self, AdminState},
+    approval::{Approvals, Notifier, NotifySettings},
     bpf::KernelPrograms,
     cgroup,
     config::AgentConfig,
@@ -31,7 +32,8 @@ use crate::{
     intercept::listener::{self, Counters, InspectSettings, Intercept},
     policy::{load_sources, PolicyError, PolicyStore},
     proc::ProcCache,
-    store::{self, EventStore},
+    secrets::{Secrets, SecretsError},
+    store::{self, AdminRecord, Event, EventKind, EventSink, EventStore},
     tls::{
         ca::LocalCa,
         leaf::{LeafCache, DEFAULT_CACHE_SIZE},
@@ -78,6 +80,8 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error("detectors: {0}")]
     Dlp(#[from] crate::dlp::DlpError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
 }
 
 /// The policy used when no policy directory is configured.
@@ -247,16 +251,42 @@ fn admin_gid(name: &str) -> Option<u32> {
 }
 
 /// Reloads the policy directory; a bad file keeps the last good policy.
-/// `why` says what triggered it (SIGHUP, a file change).
-fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, why: &str) {
+/// `why` says what triggered it (SIGHUP, a file change). The outcome is
+/// recorded as a `policy_reload` event.
+async fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, sink: &EventSink, why: &str) {
     let Some(dir) = &cfg.policy_dir else {
         tracing::info!("{why}: no policy directory configured; the built-in policy stays");
         return;
     };
-    match store.reload(dir) {
-        Ok(v) => tracing::info!(version = v, "{why}: policy reloaded"),
-        Err(e) => tracing::error!("{why}: policy not reloaded, the last good one stays: {e}"),
+    let (action, detail) = match store.reload(dir) {
+        Ok(v) => {
+            tracing::info!(version = v, "{why}: policy reloaded");
+            (
+                "policy_reload",
+                format!("{why}: version {v} from {}", dir.display()),
+            )
+        }
+        Err(e) => {
+            tracing::error!("{why}: policy not reloaded, the last good one stays: {e}");
+            (
+                "policy_reload_failed",
+                format!("{why}: the last good policy stays: {e}"),
+            )
+        }
+    };
+    let mut ev = Event::admin(
+        EventKind::PolicyReload,
+        AdminRecord {
+            action: action.into(),
+            detail: Some(detail.clone()),
+            ..Default::default()
+        },
+    );
+    if action == "policy_reload_failed" {
+        ev.verdict = store::Verdict::Error;
+        ev.error = Some(detail);
     }
+    sink.record(ev).await;
 }
 
 /// How often the policy directory is checked for changed files.
@@ -347,6 +377,27 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let store = EventStore::open(&AgentConfig::store_dir(&state_dir))?;
     let writer = store::start_writer(store.clone(), cfg.retention);
 
+    let secrets = match &cfg.secrets_file {
+        Some(p) => {
+            let s = Secrets::load(p)?;
+            tracing::info!(file = %p.display(), secrets = ?s.names(), "secrets for credential injection loaded");
+            s
+        }
+        None => Secrets::none(),
+    };
+    let approvals = Arc::new(Approvals::new(
+        writer.sink.clone(),
+        Notifier::new(
+            NotifySettings {
+                command: cfg.notify_command.clone(),
+                webhook: cfg.notify_webhook.clone(),
+                state_dir: state_dir.clone(),
+                mark: cfg.mark,
+            },
+            Some(Arc::clone(&inspect.upstream_tls)),
+        ),
+    ));
+
     let (mut programs, table) = KernelPrograms::load(&cfg)?;
     let dns_peers = programs.dns_peers()?;
     // The exec parent inherits the programs when it lies below a monitored
@@ -395,6 +446,8 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         counters: Arc::clone(&counters),
         mark: cfg.mark,
         inspect: Arc::clone(&inspect),
+        approvals: Arc::clone(&approvals),
+        secrets: Arc::new(secrets),
     });
     let mut tasks = Vec::new();
     for l in [v4, v6].into_iter().flatten() {
@@ -430,6 +483,8 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         exec_seq: AtomicU64::new(0),
         ca_bundle,
         resolver: (!dns_addrs.is_empty()).then_some(resolver_health),
+        approver_gid: admin_gid(&cfg.approver_group),
+        approvals: Arc::clone(&approvals),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let reaper_parent = exec_parent.clone();
@@ -457,13 +512,13 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
-                reload_policy(&cfg, &inspect.policy, "SIGHUP");
+                reload_policy(&cfg, &inspect.policy, &writer.sink, "SIGHUP").await;
             }
             _ = poll.tick(), if stamp.is_some() => {
                 let now = cfg.policy_dir.as_deref().map(policy_stamp);
                 if now != stamp {
                     stamp = now;
-                    reload_policy(&cfg, &inspect.policy, "policy files changed");
+                    reload_policy(&cfg, &inspect.policy, &writer.sink, "policy files changed").await;
                 }
             }
         }
@@ -492,6 +547,11 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(intercept);
+    // Approvals hold a sink clone too (held requests, admin connections).
+    while Arc::strong_count(&approvals) > 1 && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(approvals);
     drop(writer.sink);
     let _ = writer.task.await;
     let _ = std::fs::remove_file(&sock);

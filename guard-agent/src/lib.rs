@@ -6,6 +6,7 @@
 //! and `http` sit on the hot path.
 
 pub mod admin;
+pub mod approval;
 pub mod bpf;
 pub mod cgroup;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod intercept;
 pub mod policy;
 pub mod proc;
+pub mod secrets;
 pub mod shutdown;
 pub mod store;
 pub mod tls;

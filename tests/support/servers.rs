@@ -78,6 +78,16 @@ fn read_request(s: &mut TcpStream, peer: SocketAddr) -> Option<SeenRequest> {
 
 impl HttpServer {
     pub fn start(bind: SocketAddr, response_body: &'static str) -> Self {
+        Self::start_with(bind, move |_| (200, response_body.to_owned()))
+    }
+
+    /// A server whose answer (status, JSON body) depends on the request,
+    /// e.g. one that demands an API key.
+    pub fn start_with(
+        bind: SocketAddr,
+        respond: impl Fn(&SeenRequest) -> (u16, String) + Send + Sync + 'static,
+    ) -> Self {
+        let respond = Arc::new(respond);
         let l = TcpListener::bind(bind).expect("bind test server");
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -86,14 +96,17 @@ impl HttpServer {
             for s in l.incoming() {
                 let Ok(mut s) = s else { continue };
                 let seen = Arc::clone(&seen2);
+                let respond = Arc::clone(&respond);
                 thread::spawn(move || {
                     let peer = s.peer_addr().unwrap();
                     if let Some(req) = read_request(&mut s, peer) {
+                        let (status, body) = respond(&req);
                         seen.lock().unwrap().push(req);
                         let resp = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                            response_body.len(),
-                            response_body
+                            "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                            if status < 400 { "OK" } else { "Error" },
+                            body.len(),
+                            body
                         );
                         let _ = s.write_all(resp.as_bytes());
                     }

@@ -164,6 +164,8 @@ pub struct SeenHttps {
     pub alpn: Option<String>,
     pub body_len: u64,
     pub body_sha256: String,
+    /// Request headers, names lower-case, in order.
+    pub headers: Vec<(String, String)>,
 }
 
 struct State {
@@ -300,6 +302,16 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let version = format!("{:?}", req.version());
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
     let host = req.uri().authority().map(|a| a.to_string()).or_else(|| {
         req.headers()
             .get(header::HOST)
@@ -333,6 +345,7 @@ async fn handle(
         version: version.clone(),
         host: host.clone(),
         alpn: alpn.clone(),
+        headers,
         body_len: len,
         body_sha256: sha.clone(),
     });

@@ -3,9 +3,14 @@
 //!
 //! Authorization: the socket is mode 0660, owned by root and the admin group
 //! (`guard`), and every connection's peer credentials (SO_PEERCRED) are
-//! checked again: only root or a member of the admin group is served. A
-//! monitored, unprivileged process therefore cannot read events or change
-//! anything. `exec` moves only the calling process itself, never another.
+//! checked again: only root or a member of the admin or approver group is
+//! served, and each request again: reading events and listing, approving,
+//! denying or revoking holds and grants needs root or the approver group
+//! (`approver_group`, default the admin group); `status` and `exec` need the
+//! admin group. A monitored, unprivileged process therefore cannot read
+//! events, approve its own request or change anything. `exec` moves only
+//! the calling process itself, never another. Who decided a hold is taken
+//! from the peer credentials, never from the request.
 
 pub mod protocol;
 
@@ -28,6 +33,7 @@ use tokio::{
 pub use protocol::{Request, Response, Status};
 
 use crate::{
+    approval::{Approvals, Approver},
     bpf::PROGRAMS,
     cgroup,
     config::AgentConfig,
@@ -50,6 +56,9 @@ pub struct AdminState {
     pub ca_bundle: Option<PathBuf>,
     /// The DNS resolver's health; `None` when DNS is turned off.
     pub resolver: Option<Arc<crate::dns::ResolverHealth>>,
+    /// Group id allowed to decide holds and read events besides root.
+    pub approver_gid: Option<u32>,
+    pub approvals: Arc<Approvals>,
 }
 
 /// Errors setting up the admin socket.
@@ -144,7 +153,8 @@ async fn handle(
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (r, mut w) = stream.into_split();
-    if !authorized(cred.uid(), cred.gid(), cred.pid(), state.admin_gid) {
+    let approver = authorized(cred.uid(), cred.gid(), cred.pid(), state.approver_gid);
+    if !approver && !authorized(cred.uid(), cred.gid(), cred.pid(), state.admin_gid) {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: not root or in the admin group");
         return send(
             &mut w,
@@ -174,7 +184,72 @@ async fn handle(
             .await;
         }
     };
+    if req.needs_approver() && !approver {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: not root or in the approver group");
+        return send(
+            &mut w,
+            &Response::Error {
+                message: format!(
+                    "permission denied: uid {} is neither root nor in the `{}` group, which may read events and decide holds",
+                    cred.uid(),
+                    state.config.approver_group
+                ),
+            },
+        )
+        .await;
+    }
     match req {
+        Request::Approvals { follow } => {
+            let mut live = state.approvals.subscribe();
+            let mut seen = std::collections::HashSet::new();
+            for h in state.approvals.pending() {
+                seen.insert(h.id);
+                send(&mut w, &Response::Hold(Box::new(h))).await?;
+            }
+            if !follow {
+                return send(&mut w, &Response::End).await;
+            }
+            loop {
+                tokio::select! {
+                    msg = live.recv() => match msg {
+                        Ok(h) if seen.insert(h.id) => send(&mut w, &Response::Hold(Box::new(h))).await?,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    },
+                    _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
+                }
+            }
+        }
+        Request::Grants => {
+            for g in state.approvals.grants() {
+                send(&mut w, &Response::Grant(Box::new(g))).await?;
+            }
+            send(&mut w, &Response::End).await
+        }
+        Request::Decide { id, decision } => {
+            let by = Approver::from_uid(cred.uid());
+            let resp = match state.approvals.decide(id, &decision, &by) {
+                Ok(grant) => Response::Decided {
+                    id,
+                    approved: decision.approve,
+                    grant: grant.map(Box::new),
+                },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            };
+            send(&mut w, &resp).await
+        }
+        Request::Revoke { grant_id, note } => {
+            let by = Approver::from_uid(cred.uid());
+            let resp = match state.approvals.revoke(grant_id, &by, note) {
+                Ok(g) => Response::Revoked(Box::new(g)),
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            };
+            send(&mut w, &resp).await
+        }
         Request::Status => send(&mut w, &Response::Status(Box::new(status(&state)))).await,
         Request::Events { filter, follow } => {
             // Subscribe before reading history so nothing falls in between.
@@ -346,5 +421,34 @@ mod tests {
         assert!(!authorized(1000, 1000, None, None));
         assert!(authorized(1000, 977, None, Some(977)));
         assert!(!authorized(1000, 1000, None, Some(977)));
+    }
+
+    #[test]
+    fn events_and_decisions_need_an_approver_status_and_exec_do_not() {
+        use crate::approval::{DecisionRequest, Scope};
+        assert!(!Request::Status.needs_approver());
+        assert!(!Request::Exec.needs_approver());
+        assert!(Request::Events {
+            filter: Default::default(),
+            follow: false
+        }
+        .needs_approver());
+        assert!(Request::Approvals { follow: true }.needs_approver());
+        assert!(Request::Grants.needs_approver());
+        assert!(Request::Decide {
+            id: 1,
+            decision: DecisionRequest {
+                approve: true,
+                scope: Scope::Request,
+                duration_secs: None,
+                note: None,
+            },
+        }
+        .needs_approver());
+        assert!(Request::Revoke {
+            grant_id: 1,
+            note: None
+        }
+        .needs_approver());
     }
 }

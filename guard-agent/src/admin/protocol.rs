@@ -5,7 +5,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{intercept::listener::CounterSnapshot, store::Event, store::EventFilter};
+use crate::{
+    approval::{DecisionRequest, Grant, HoldSummary},
+    intercept::listener::CounterSnapshot,
+    store::Event,
+    store::EventFilter,
+};
 
 /// What the CLI asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,6 +24,30 @@ pub enum Request {
     },
     /// Create a monitored cgroup and move the caller into it.
     Exec,
+    /// Pending holds; with `follow`, keep streaming new ones (approvers only).
+    Approvals {
+        follow: bool,
+    },
+    /// Live grants (approvers only).
+    Grants,
+    /// Approve or deny a hold (approvers only).
+    Decide {
+        id: u64,
+        decision: DecisionRequest,
+    },
+    /// End a grant (approvers only).
+    Revoke {
+        grant_id: u64,
+        note: Option<String>,
+    },
+}
+
+impl Request {
+    /// Whether only root and the approver group may ask this: reading
+    /// events (they describe other users' traffic) and deciding holds.
+    pub fn needs_approver(&self) -> bool {
+        !matches!(self, Request::Status | Request::Exec)
+    }
 }
 
 /// What the agent answers.
@@ -38,6 +67,17 @@ pub enum Response {
     Error {
         message: String,
     },
+    /// A pending hold (then `End`, unless following).
+    Hold(Box<HoldSummary>),
+    /// A live grant (then `End`).
+    Grant(Box<Grant>),
+    /// The hold was decided; an approval with a host or rule scope made `grant`.
+    Decided {
+        id: u64,
+        approved: bool,
+        grant: Option<Box<Grant>>,
+    },
+    Revoked(Box<Grant>),
 }
 
 /// `guard-agent status`.

@@ -47,7 +47,7 @@ pub struct EventsArgs {
     /// Only this verdict: allow, block, error.
     #[arg(long)]
     pub verdict: Option<String>,
-    /// Only this kind: connection, http, dns.
+    /// Only this kind: connection, http, dns, approval, grant, policy_reload.
     #[arg(long)]
     pub kind: Option<String>,
     /// Only HTTP requests (same as --kind http).
@@ -87,7 +87,7 @@ impl EventsArgs {
                 (true, _) => Some(EventKind::Http),
                 (false, None) => None,
                 (false, Some(k)) => Some(EventKind::parse(k).ok_or_else(|| {
-                    anyhow::anyhow!("--kind: `{k}` is not one of connection, http, dns")
+                    anyhow::anyhow!("--kind: `{k}` is not one of connection, http, dns, approval, grant, policy_reload")
                 })?),
             },
             limit: self.limit,
@@ -148,8 +148,20 @@ impl Printer {
             .as_deref()
             .map(|x| x.rsplit('/').next().unwrap_or(x))
             .or(e.comm.as_deref());
-        let (what, out_b, in_b) = match &e.http {
-            Some(h) => (
+        let (what, out_b, in_b) = match (&e.http, &e.admin) {
+            (None, Some(a)) => {
+                let target = a.hold_id.map(|h| format!(" hold {h}")).unwrap_or_default();
+                let grant = a
+                    .grant_id
+                    .map(|g| format!(" grant {g}"))
+                    .unwrap_or_default();
+                (
+                    format!("{} {}{target}{grant}", e.kind.as_str(), a.action),
+                    0,
+                    0,
+                )
+            }
+            (Some(h), _) => (
                 format!(
                     "{} {}{} {}",
                     h.method,
@@ -162,7 +174,7 @@ impl Printer {
                 h.request_bytes,
                 h.response_bytes,
             ),
-            None => {
+            (None, None) => {
                 let what = match &e.tls {
                     Some(t) if t.passthrough => {
                         format!("tls {} (passthrough)", t.sni.as_deref().unwrap_or("-"))
@@ -177,6 +189,17 @@ impl Printer {
         };
         let note = match (&e.error, &e.policy) {
             (Some(err), _) => err.clone(),
+            (None, _) if e.admin.is_some() => {
+                let a = e.admin.as_ref().expect("checked");
+                [
+                    a.detail.clone(),
+                    a.note.clone().map(|n| format!("note: {n}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; ")
+            }
             (None, Some(p)) if e.verdict != Verdict::Allow || !e.findings.is_empty() => {
                 let found: Vec<&str> = e.findings.iter().map(|f| f.detector.as_str()).collect();
                 format!("rule {} [{}]", p.rule, found.join(", "))

@@ -1,9 +1,11 @@
-//! The command line: `guard-agent run | events | status | exec | policy`.
+//! The command line: `guard-agent run | events | status | exec | policy |
+//! approvals | approve | deny | revoke`.
 //!
 //! Commands other than `run` talk to the running agent through the admin
 //! socket; `events` falls back to reading the store directly when no agent
 //! runs. Errors are reported with anyhow at this edge only.
 
+mod approvals;
 mod ca;
 mod events;
 mod exec;
@@ -28,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: load the kernel programs, intercept, record.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List recorded events (connections and HTTP requests), newest last.
     Events(events::EventsArgs),
     /// Show the running agent's programs, scopes, counters and store.
@@ -39,6 +41,14 @@ pub enum Command {
     Policy(policy::PolicyArgs),
     /// The local CA: export its certificate, add it to or remove it from the system trust store.
     Ca(ca::CaArgs),
+    /// List requests held for approval (`--follow`: as they come), or `grants`.
+    Approvals(approvals::ApprovalsArgs),
+    /// Let a held request through (`--for 15m --scope host`: and later ones).
+    Approve(approvals::ApproveArgs),
+    /// Refuse a held request (its client gets a 403).
+    Deny(approvals::DenyArgs),
+    /// End a scoped approval (grant) before it expires.
+    Revoke(approvals::RevokeArgs),
 }
 
 /// Where the state (store, admin socket) lives.
@@ -87,6 +97,22 @@ pub struct RunArgs {
     /// Do not terminate TLS: splice all TLS, recording the SNI.
     #[arg(long)]
     pub no_inspect_tls: bool,
+    /// Group allowed to use the admin socket besides root (default: guard).
+    #[arg(long, value_name = "NAME")]
+    pub admin_group: Option<String>,
+    /// Group allowed to list/approve/deny holds and read events besides root
+    /// (default: the admin group).
+    #[arg(long, value_name = "NAME")]
+    pub approver_group: Option<String>,
+    /// Program run for each new hold (summary JSON on stdin, GUARD_HOLD_* env).
+    #[arg(long, value_name = "PROGRAM")]
+    pub notify_command: Option<String>,
+    /// URL that receives a Slack-compatible {"text": ...} for each new hold.
+    #[arg(long, value_name = "URL")]
+    pub notify_webhook: Option<String>,
+    /// Secrets for credential injection (RON, root-owned, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub secrets_file: Option<PathBuf>,
     /// Log as JSON lines (for journald and log shippers).
     #[arg(long)]
     pub log_json: bool,
@@ -139,6 +165,11 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             listen: args.dns_listen,
             no_dns: args.no_dns,
         },
+        admin_group: args.admin_group,
+        approver_group: args.approver_group,
+        notify_command: args.notify_command,
+        notify_webhook: args.notify_webhook,
+        secrets_file: args.secrets_file,
     };
     let cfg = AgentConfig::build(file, flags)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -150,12 +181,16 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Run(a) => run_agent(a).map(|_| 0),
+        Command::Run(a) => run_agent(*a).map(|_| 0),
         Command::Events(a) => events::run(a).map(|_| 0),
         Command::Status(a) => status::run(a).map(|_| 0),
         Command::Exec(a) => exec::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Ca(a) => ca::run(a),
+        Command::Approvals(a) => approvals::list(a).map(|_| 0),
+        Command::Approve(a) => approvals::approve(a).map(|_| 0),
+        Command::Deny(a) => approvals::deny(a).map(|_| 0),
+        Command::Revoke(a) => approvals::revoke(a).map(|_| 0),
     };
     match res {
         Ok(code) => code,

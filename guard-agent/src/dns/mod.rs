@@ -51,13 +51,14 @@ use crate::{
     bpf::udp::DnsPeerTable,
     http::inspect::Inspector,
     intercept::listener::{attribute, original_addr},
-    policy::{
-        FindingFact, PolicyStore, Protocol, RequestFacts, Verdict as PolicyVerdict,
-        APPROVAL_NOT_CONFIGURED,
-    },
+    policy::{FindingFact, PolicyStore, Protocol, RequestFacts, Verdict as PolicyVerdict},
     proc::ProcCache,
     store::{DnsRecord, Event, EventKind, EventSink, FindingRecord, PolicyRecord, Verdict},
 };
+
+/// Why a `RequireApproval` rule for `protocol: [Dns]` refuses the name.
+pub const DNS_CANNOT_WAIT: &str =
+    "a DNS query cannot be held for approval (clients time out); refused";
 
 /// The largest datagram read from a client.
 const MAX_QUERY: usize = 4096;
@@ -355,8 +356,10 @@ impl Resolver {
         };
         let blocked_reason = match &decision.action {
             PolicyVerdict::Block { reason } => Some(reason.to_string()),
-            // No approval channel for DNS: a hold is a block.
-            PolicyVerdict::RequireApproval { .. } => Some(APPROVAL_NOT_CONFIGURED.to_owned()),
+            // A stub resolver gives up within seconds: a DNS query cannot
+            // wait for a human, so a hold on a name refuses it (hold the
+            // connection that follows instead).
+            PolicyVerdict::RequireApproval { .. } => Some(DNS_CANNOT_WAIT.to_owned()),
             PolicyVerdict::AuditOnly => {
                 ev.policy = Some(record("audit_only"));
                 None

@@ -1,12 +1,14 @@
 //! The per-request pipeline, one named step after another:
-//! read → inspect (DLP) → decide (policy) → act (allow, mask, block) →
-//! forward → record. Serves one client connection with hyper (HTTP/1.1 or
-//! HTTP/2, whichever the connection speaks).
+//! read → inspect (DLP) → decide (policy) → act (allow, mask, block, hold
+//! for approval) → inject credentials → forward → record. Serves one client
+//! connection with hyper (HTTP/1.1 or HTTP/2, whichever it speaks).
 //!
 //! Invariants: a request leaves only after the decision; a blocked request
 //! never leaves; every request ends in exactly one event, and what the event
 //! holds went through masking first (header credentials fingerprinted,
-//! excerpts masked, findings carry masks only).
+//! excerpts masked, findings carry masks only); a held request leaves only
+//! once approved (or covered by a grant); credentials are injected last,
+//! after everything recorded was taken, so no event holds a secret.
 
 use std::{
     convert::Infallible,
@@ -34,10 +36,12 @@ use super::{
     upstream::{Upstream, UpstreamFailure},
 };
 use crate::{
+    approval::{Approvals, Denial, HeldRequest},
     policy::{
         CompiledPolicy, Decision, FindingFact, Mode, Protocol, RequestFacts,
-        Verdict as PolicyVerdict, APPROVAL_NOT_CONFIGURED,
+        Verdict as PolicyVerdict,
     },
+    secrets::Secrets,
     store::{Event, EventKind, EventSink, HttpRecord, PolicyRecord, Verdict},
 };
 
@@ -57,6 +61,10 @@ pub struct ConnContext {
     pub sink: EventSink,
     /// Policy facts about the process (filled once per connection).
     pub facts: RequestFacts,
+    /// Where `RequireApproval` requests wait.
+    pub approvals: Arc<Approvals>,
+    /// Credentials injected into requests on their way out.
+    pub secrets: Arc<Secrets>,
 }
 
 /// Serves HTTP on a client connection until it closes.
@@ -244,7 +252,8 @@ async fn handle(
     // 4. Act.
     let (block_reason, mask) = match &decision.action {
         PolicyVerdict::Block { reason } => (Some(reason.to_string()), None),
-        PolicyVerdict::RequireApproval { .. } => (Some(APPROVAL_NOT_CONFIGURED.to_owned()), None),
+        // Held below, once the record is ready.
+        PolicyVerdict::RequireApproval { .. } => (None, None),
         PolicyVerdict::Mask(scope) => (None, Some(scope.clone())),
         PolicyVerdict::Allow | PolicyVerdict::AuditOnly => (None, None),
     };
@@ -284,11 +293,42 @@ async fn handle(
         finish(&ctx, ev, rec, started);
         return json_response(StatusCode::FORBIDDEN, body);
     }
+    if let PolicyVerdict::RequireApproval { timeout, reason } = &decision.action {
+        if let Some(body) =
+            await_approval(&ctx, &mut ev, &rec, &decision.rule, *timeout, reason).await
+        {
+            ev.verdict = Verdict::Block;
+            rec.status = Some(403);
+            finish(&ctx, ev, rec, started);
+            return json_response(StatusCode::FORBIDDEN, body);
+        }
+    }
     if masking {
         ev.verdict = Verdict::Mask;
+        apply_masks(&ctx.inspector, &mut parts, &inspection);
     }
 
-    // 5. Forward.
+    // 5. Inject credentials (after everything recorded was taken), for the
+    // destination the agent verified, not the one the client claims.
+    let target = if ctx.secrets.is_empty() {
+        host.clone()
+    } else {
+        verified_host(&ctx, &host).await
+    };
+    if let Err(e) = ctx.secrets.inject(&target, &mut parts) {
+        ev.verdict = Verdict::Block;
+        ev.error = Some(e.to_string());
+        rec.status = Some(403);
+        let body = json!({
+            "error": "blocked by Guard",
+            "reason": e.to_string(),
+            "event_id": ev.id,
+        });
+        finish(&ctx, ev, rec, started);
+        return json_response(StatusCode::FORBIDDEN, body);
+    }
+
+    // 6. Forward.
     let upstream = match &ctx.upstream {
         Ok(u) => Arc::clone(u),
         Err(fail) => {
@@ -308,7 +348,6 @@ async fn handle(
     let streamed = Arc::new(AtomicU64::new(0));
     let out_body = match (masking, rest) {
         (true, rest) => {
-            apply_masks(&ctx.inspector, &mut parts, &inspection);
             let b = inspection
                 .body
                 .clone()
@@ -380,7 +419,7 @@ async fn handle(
     rec.response_headers =
         record_headers(resp.headers(), key, |_, v| ctx.inspector.mask_for_record(v));
 
-    // 6. Respond, recording when the response body ends.
+    // 7. Respond, recording when the response body ends.
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(
         &mut rparts.headers,
@@ -406,6 +445,74 @@ async fn handle(
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
+}
+
+/// The destination name credentials may be injected for: one the agent
+/// verified, never the Host header alone (a client could name a bound host
+/// while connecting elsewhere). HTTPS: the SNI the upstream certificate was
+/// verified against. Plaintext: the original destination address, or the
+/// Host name when it resolves to that address.
+async fn verified_host(ctx: &ConnContext, host: &str) -> String {
+    let ip = ctx.dst.ip().to_string();
+    if ctx.scheme == "https" {
+        return ctx
+            .sni
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or(ip);
+    }
+    if host == ip || host.parse::<std::net::IpAddr>().is_ok() || !ctx.secrets.binds_host(host) {
+        return ip;
+    }
+    let resolves_there = tokio::net::lookup_host((host, ctx.dst.port()))
+        .await
+        .is_ok_and(|mut addrs| addrs.any(|a| a.ip().to_canonical() == ctx.dst.ip()));
+    if resolves_there {
+        host.to_owned()
+    } else {
+        ip
+    }
+}
+
+/// Holds a `RequireApproval` request until it is approved (or a grant
+/// covers it). Returns the 403 body when it was denied or timed out.
+async fn await_approval(
+    ctx: &ConnContext,
+    ev: &mut Event,
+    rec: &HttpRecord,
+    rule: &str,
+    timeout: std::time::Duration,
+    reason: &str,
+) -> Option<serde_json::Value> {
+    let what = HeldRequest {
+        method: rec.method.clone(),
+        scheme: rec.scheme.clone(),
+        host: rec.host.clone(),
+        path: rec.path.clone(),
+        query: rec.query.clone(),
+        body_preview: rec.request_excerpt.clone(),
+    };
+    match ctx.approvals.admit(ev, what, rule, timeout, reason).await {
+        Ok(()) => None,
+        Err(Denial::Denied { by, note }) => Some(json!({
+            "error": "denied by an approver",
+            "reason": reason,
+            "rule": rule,
+            "denied_by": by.user.clone().unwrap_or_else(|| format!("uid {}", by.uid)),
+            "note": note,
+            "event_id": ev.id,
+        })),
+        Err(Denial::TimedOut { after }) => Some(json!({
+            "error": "approval timed out",
+            "reason": reason,
+            "rule": rule,
+            "detail": format!(
+                "nobody approved this request within {}; a timeout counts as a denial",
+                humantime::format_duration(after)
+            ),
+            "event_id": ev.id,
+        })),
+    }
 }
 
 /// Writes masked URL and header values into the request.

@@ -91,6 +91,10 @@ pub struct Intercept {
     pub dns: Option<Arc<crate::dns::Resolver>>,
     /// Names learnt from DNS answers, for connections without SNI or Host.
     pub names: Arc<crate::dns::NameMap>,
+    /// Holds for `RequireApproval` requests.
+    pub approvals: Arc<crate::approval::Approvals>,
+    /// Credentials injected on the way out.
+    pub secrets: Arc<crate::secrets::Secrets>,
 }
 
 /// What the inspecting paths need besides the L4 ones.
@@ -383,6 +387,44 @@ async fn l4_splice(
         reset(client);
         return None;
     }
+    // A connection Guard cannot read is held as a whole: nothing is spliced
+    // before an approval (or a grant); a denial resets it.
+    if let PolicyVerdict::RequireApproval { timeout, reason } = &decision.action {
+        if ev.id == 0 {
+            ev.id = ctx.sink.reserve_id();
+        }
+        ev.policy = Some(PolicyRecord {
+            rule: decision.rule.to_string(),
+            action: "require_approval".into(),
+            mode: "enforce".into(),
+            would_have: None,
+            reason: Some(reason.to_string()),
+        });
+        let what = crate::approval::HeldRequest {
+            method: "CONNECT".into(),
+            scheme: match facts.protocol {
+                Some(Protocol::Tls) => "tls".into(),
+                _ => "tcp".into(),
+            },
+            host: ev
+                .host
+                .clone()
+                .or_else(|| facts.dest_ip.map(|ip| ip.to_string()))
+                .unwrap_or_default(),
+            path: String::new(),
+            query: None,
+            body_preview: None,
+        };
+        let admitted = ctx
+            .approvals
+            .admit(ev, what, &decision.rule, *timeout, reason)
+            .await;
+        if admitted.is_err() {
+            ev.verdict = Verdict::Block;
+            reset(client);
+            return None;
+        }
+    }
     splice(client, up, counts)
         .await
         .err()
@@ -411,6 +453,8 @@ fn conn_context(
         inspector: Arc::clone(&ctx.inspect.inspector),
         sink: ctx.sink.clone(),
         facts,
+        approvals: Arc::clone(&ctx.approvals),
+        secrets: Arc::clone(&ctx.secrets),
     })
 }
 

@@ -69,17 +69,13 @@ pub enum Verdict {
         reason: Arc<str>,
     },
     Mask(MaskScope),
-    /// Hold for a human. Until approvals exist the caller must block with
-    /// [`APPROVAL_NOT_CONFIGURED`].
+    /// Hold for a human (see the `approval` module); a timeout denies.
     RequireApproval {
         timeout: Duration,
         reason: Arc<str>,
     },
     AuditOnly,
 }
-
-/// The reason to block with while the agent has no approval channel.
-pub const APPROVAL_NOT_CONFIGURED: &str = "approval not configured";
 
 /// Which findings a `Mask` verdict masks.
 #[derive(Debug, Clone, PartialEq)]

@@ -46,7 +46,7 @@
 //! - Nothing on the hot path parses or compiles: `decide` only walks
 //!   prebuilt glob sets, CIDRs and sorted name lists.
 //! - It decides; it does not act. Masking, blocking, holding for approval
-//!   and recording are the callers' (see [`APPROVAL_NOT_CONFIGURED`]).
+//!   and recording are the callers' (`http::pipeline`, `approval`).
 
 mod compile;
 mod decide;
@@ -57,8 +57,7 @@ pub mod schema;
 
 pub use compile::CompiledPolicy;
 pub use decide::{
-    Condition, Decision, FindingFact, MaskScope, RequestFacts, Verdict, APPROVAL_NOT_CONFIGURED,
-    DEFAULT_RULE,
+    Condition, Decision, FindingFact, MaskScope, RequestFacts, Verdict, DEFAULT_RULE,
 };
 pub use detectors::{is_builtin, BUILTIN_DETECTORS, DETECTOR_GROUPS};
 pub use explain::{Explanation, RuleOutcome, RuleTrace};

@@ -229,7 +229,7 @@ pub enum Action {
 }
 
 fn default_approval_timeout() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_secs(120)
 }
 
 /// An inclusive port range; a single port is `start == end`.

@@ -682,7 +682,7 @@ fn actions_can_leave_out_every_optional_field() {
     assert_eq!(
         p.decide(&to_host("a")).action,
         Verdict::RequireApproval {
-            timeout: Duration::from_secs(300),
+            timeout: Duration::from_secs(120),
             reason: "approval required by the policy's default".into()
         }
     );
@@ -713,4 +713,29 @@ fn dns_queries_are_decided_only_by_rules_that_name_dns() {
     assert_eq!(d.rule.as_ref(), DEFAULT_RULE);
     let d = p.decide_dns(&with_finding(q("x.tunnel.example"), "dns-tunnel", false));
     assert_eq!(d.rule.as_ref(), "no-tunnels", "{d}");
+}
+
+#[test]
+fn the_approval_example_holds_llm_uploads_for_two_minutes() {
+    let p = load_files(&[repo_dir().join("examples/approval.ron")]).unwrap();
+    let facts = RequestFacts {
+        dest_host: Some("api.openai.com".into()),
+        method: Some("POST".into()),
+        path: Some("/v1/files".into()),
+        ..Default::default()
+    };
+    let d = p.decide(&facts);
+    assert_eq!(d.rule.as_ref(), "llm-file-uploads", "{d}");
+    assert!(
+        matches!(d.action, Verdict::RequireApproval { timeout, .. } if timeout == Duration::from_secs(120)),
+        "{d}"
+    );
+    let facts = RequestFacts {
+        dest_host: Some("pastebin.com".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        p.decide(&facts).action,
+        Verdict::RequireApproval { timeout, .. } if timeout == Duration::from_secs(120)
+    ));
 }

@@ -21,6 +21,12 @@ pub enum EventKind {
     Http,
     /// One DNS query and its answer, recorded when answered.
     Dns,
+    /// A decision on a held request: approved, denied, timed out.
+    Approval,
+    /// A scoped approval (grant) created, revoked or expired.
+    Grant,
+    /// The policy was reloaded (or a reload failed).
+    PolicyReload,
 }
 
 impl EventKind {
@@ -29,6 +35,9 @@ impl EventKind {
             "connection" => Some(EventKind::Connection),
             "http" => Some(EventKind::Http),
             "dns" => Some(EventKind::Dns),
+            "approval" => Some(EventKind::Approval),
+            "grant" => Some(EventKind::Grant),
+            "policy_reload" => Some(EventKind::PolicyReload),
             _ => None,
         }
     }
@@ -38,6 +47,9 @@ impl EventKind {
             EventKind::Connection => "connection",
             EventKind::Http => "http",
             EventKind::Dns => "dns",
+            EventKind::Approval => "approval",
+            EventKind::Grant => "grant",
+            EventKind::PolicyReload => "policy_reload",
         }
     }
 }
@@ -136,6 +148,10 @@ pub struct Event {
     /// The query and answer, for `kind: dns`.
     #[serde(default)]
     pub dns: Option<DnsRecord>,
+    /// Admin side (approval, grant, policy reload events), and on a held
+    /// HTTP request how its hold ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminRecord>,
 }
 
 /// One DNS exchange through the agent's resolver. The query name is masked
@@ -155,6 +171,28 @@ pub struct DnsRecord {
     pub answers: Vec<String>,
     /// The resolver that answered; none when the agent answered itself.
     pub upstream: Option<String>,
+}
+
+/// An action on the admin side, or how a hold ended: who, when (the event's
+/// `ts`), what, and the note. Never holds request content.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AdminRecord {
+    /// `approve`, `deny`, `timeout`, `granted` (let through by a grant),
+    /// `grant`, `revoke`, `expire`, `policy_reload`, `policy_reload_failed`.
+    pub action: String,
+    /// Who decided (peer credentials of the admin socket).
+    pub by_uid: Option<u32>,
+    pub by_user: Option<String>,
+    pub note: Option<String>,
+    /// The held request (its HTTP event id).
+    pub hold_id: Option<u64>,
+    pub grant_id: Option<u64>,
+    /// `request`, `host` or `rule`.
+    pub scope: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub expires: Option<OffsetDateTime>,
+    /// Anything else in words (policy version, reload error, grant target).
+    pub detail: Option<String>,
 }
 
 /// TLS parameters of an intercepted connection.
@@ -258,6 +296,15 @@ impl Event {
             policy: None,
             findings: Vec::new(),
             dns: None,
+            admin: None,
         }
+    }
+
+    /// An admin-side event (approval, grant, policy reload).
+    pub fn admin(kind: EventKind, record: AdminRecord) -> Self {
+        let mut e = Self::connection(OffsetDateTime::now_utc());
+        e.kind = kind;
+        e.admin = Some(record);
+        e
     }
 }

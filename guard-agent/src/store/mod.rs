@@ -24,7 +24,8 @@ use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc};
 
 pub use event::{
-    DnsRecord, Event, EventKind, FindingRecord, HttpRecord, PolicyRecord, TlsRecord, Verdict,
+    AdminRecord, DnsRecord, Event, EventKind, FindingRecord, HttpRecord, PolicyRecord, TlsRecord,
+    Verdict,
 };
 pub use filter::EventFilter;
 
