@@ -6,6 +6,9 @@
 
 mod ca;
 mod events;
+mod events_export;
+mod events_show;
+mod har;
 mod exec;
 mod policy;
 mod status;

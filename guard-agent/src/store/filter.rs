@@ -1,5 +1,6 @@
 //! Event filters: what `guard-agent events` can ask for (`--since`,
-//! `--until`, `--pid`, `--user`, `--exe`, `--dest`, `--verdict`, `--limit`),
+//! `--until`, `--pid`, `--user`, `--exe`, `--dest`, `--verdict`, `--limit`,
+//! one event by id, the events of one connection),
 //! parsed once and matched against stored events.
 
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +41,12 @@ pub struct EventFilter {
     pub kind: Option<EventKind>,
     /// At most this many events: the most recent ones.
     pub limit: Option<usize>,
+    /// Only the event with this id (`events show ID`).
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// Only events of this connection (a connection and its requests).
+    #[serde(default)]
+    pub conn_id: Option<u64>,
 }
 
 /// Parses `--since`/`--until`: RFC 3339 (`2026-11-24T10:00:00Z`) or an age
@@ -160,6 +167,12 @@ impl EventFilter {
             return false;
         }
         if self.kind.is_some_and(|k| e.kind != k) {
+            return false;
+        }
+        if self.id.is_some_and(|id| e.id != id) {
+            return false;
+        }
+        if self.conn_id.is_some_and(|c| e.conn_id != Some(c)) {
             return false;
         }
         true
