@@ -729,6 +729,18 @@ fn websocket_upgrades_are_carried_and_recorded() {
     assert_eq!(e["http"]["status"], 101);
     assert_eq!(e["http"]["upgrade"], "websocket");
     assert_eq!(e["http"]["scheme"], "http");
+    // The exchange's event carries the session after the handshake: its
+    // duration and the frames' bytes each way (100 000 B of binary frame).
+    assert!(e["http"]["upgrade_ms"].as_f64().is_some(), "{e:#}");
+    assert!(
+        e["http"]["upgrade_bytes_out"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
+    assert!(
+        e["http"]["upgrade_bytes_in"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
+    assert!(e["error"].is_null(), "{e:#}");
     let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
     assert!(
         conns[0]["bytes_out"].as_u64().unwrap() > 100_000,
@@ -766,6 +778,15 @@ fn websocket_over_tls_is_carried_and_recorded() {
     assert_eq!(e["http"]["upgrade"], "websocket");
     assert_eq!(e["http"]["scheme"], "https");
     assert_eq!(e["tls"]["sni"], "api.test");
+    assert!(e["http"]["upgrade_ms"].as_f64().is_some(), "{e:#}");
+    assert!(
+        e["http"]["upgrade_bytes_out"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
+    assert!(
+        e["http"]["upgrade_bytes_in"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
     // The connection ends when the WebSocket does, its frames counted.
     let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
     assert!(

@@ -357,7 +357,7 @@ async fn handle(
     rec.ttfb_ms = Some(ms(started));
     rec.status = Some(resp.status().as_u16());
     // An upgraded exchange is recorded when its session ends (see
-    // `carry_upgrade`); the response-body step hands it the event.
+    // `upgrade::carry`); the response-body step hands it the event.
     let mut upgraded_event = None;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = client_upgrade {
@@ -369,7 +369,7 @@ async fn handle(
             let upstream_side = hyper::upgrade::on(&mut resp);
             let (tx, rx) = tokio::sync::oneshot::channel();
             upgraded_event = Some(tx);
-            let task = tokio::spawn(carry_upgrade(
+            let task = tokio::spawn(super::upgrade::carry(
                 client_side,
                 upstream_side,
                 rx,
@@ -418,43 +418,6 @@ async fn handle(
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
-}
-
-/// Carries an upgraded connection (WebSocket) both ways until either side
-/// closes, then records the exchange's event with the session's duration
-/// and bytes (client → upstream as out, upstream → client as in).
-async fn carry_upgrade(
-    client_side: hyper::upgrade::OnUpgrade,
-    upstream_side: hyper::upgrade::OnUpgrade,
-    event: tokio::sync::oneshot::Receiver<Event>,
-    sink: EventSink,
-    started: Instant,
-) {
-    let (c, u) = tokio::join!(client_side, upstream_side);
-    let session_start = Instant::now();
-    let carried = match (c, u) {
-        (Ok(c), Ok(u)) => {
-            tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
-                .await
-                .map_err(|e| format!("upgraded session ended with an error: {e}"))
-        }
-        (Err(e), _) => Err(format!("the client side of the upgrade failed: {e}")),
-        (_, Err(e)) => Err(format!("the upstream side of the upgrade failed: {e}")),
-    };
-    let Ok(mut ev) = event.await else { return };
-    if let Some(h) = ev.http.as_mut() {
-        h.upgrade_ms = Some(ms(session_start));
-        if let Ok((out, inn)) = &carried {
-            h.upgrade_bytes_out = *out;
-            h.upgrade_bytes_in = *inn;
-        }
-    }
-    if let Err(e) = carried {
-        ev.error.get_or_insert(e);
-    }
-    ev.closed_at = Some(OffsetDateTime::now_utc());
-    ev.duration_ms = Some(ms(started));
-    sink.record(ev).await;
 }
 
 /// Writes masked URL and header values into the request.
