@@ -49,7 +49,10 @@ fn assert_shows_the_post(text: &str, port: u16) {
         text.contains("> POST /v1/upload?case=7 HTTP/1.1\n"),
         "{text}"
     );
-    assert!(text.contains("> content-type: application/json\n"), "{text}");
+    assert!(
+        text.contains("> content-type: application/json\n"),
+        "{text}"
+    );
     let auth = text
         .lines()
         .find(|l| l.starts_with("> authorization: "))
@@ -121,7 +124,10 @@ fn events_show_and_export_give_the_evidence_with_the_agent_running_and_stopped()
 
     // While the agent runs: through the admin socket.
     let text = ok(agent.cli(&["events", "show", &id]), "events show");
-    assert!(text.contains(&format!("* event {id} · HTTP request")), "{text}");
+    assert!(
+        text.contains(&format!("* event {id} · HTTP request")),
+        "{text}"
+    );
     assert_shows_the_post(&text, port);
     let json: Value = serde_json::from_str(&ok(
         agent.cli(&["events", "show", &id, "--json"]),
@@ -130,7 +136,10 @@ fn events_show_and_export_give_the_evidence_with_the_agent_running_and_stopped()
     .expect("show --json prints JSON");
     assert_eq!(json["id"], post["id"]);
     assert_eq!(json["http"]["path"], "/v1/upload");
-    let text = ok(agent.cli(&["events", "show", &conn_id]), "show a connection");
+    let text = ok(
+        agent.cli(&["events", "show", &conn_id]),
+        "show a connection",
+    );
     assert!(text.contains("· connection"), "{text}");
     assert!(text.contains("* requests (1):"), "{text}");
     assert!(

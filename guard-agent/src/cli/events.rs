@@ -39,7 +39,7 @@ pub enum EventsAction {
     /// prints them, or a connection and its requests.
     Show(super::events_show::ShowArgs),
     /// Write matching events to a file or stdout as NDJSON or HAR 1.2.
-    Export(super::events_export::ExportArgs),
+    Export(Box<super::events_export::ExportArgs>),
 }
 
 /// The filters of `events` and `events export`.
@@ -225,7 +225,7 @@ impl Printer {
 pub fn run(args: EventsArgs) -> anyhow::Result<()> {
     match args.action {
         Some(EventsAction::Show(a)) => return super::events_show::run(&args.state, a),
-        Some(EventsAction::Export(a)) => return super::events_export::run(&args.state, a),
+        Some(EventsAction::Export(a)) => return super::events_export::run(&args.state, *a),
         None => {}
     }
     let filter = args.filters.filter()?;

@@ -111,7 +111,8 @@ fn time_str(t: OffsetDateTime) -> String {
 }
 
 fn ms(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
+    v.map(|v| format!("{v:.1} ms"))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// The standard reason phrase of a status code (`OK`, `Not Found`).
@@ -206,7 +207,11 @@ fn write_context(out: &mut impl Write, e: &Event) -> io::Result<()> {
     }
     write!(out, "* verdict: {}", e.verdict.as_str())?;
     if let Some(p) = &e.policy {
-        write!(out, " · rule {} (action {}, {} mode", p.rule, p.action, p.mode)?;
+        write!(
+            out,
+            " · rule {} (action {}, {} mode",
+            p.rule, p.action, p.mode
+        )?;
         if let Some(w) = &p.would_have {
             write!(out, ", enforce would have: {w}")?;
         }
@@ -224,7 +229,11 @@ fn write_context(out: &mut impl Write, e: &Event) -> io::Result<()> {
             printable(&f.location),
             printable(&f.masked),
             f.fingerprint,
-            if f.applied { ", masked" } else { ", not masked" },
+            if f.applied {
+                ", masked"
+            } else {
+                ", not masked"
+            },
             if f.goes_home {
                 ", going to its own service"
             } else {
@@ -238,12 +247,7 @@ fn write_context(out: &mut impl Write, e: &Event) -> io::Result<()> {
     Ok(())
 }
 
-fn write_body(
-    out: &mut impl Write,
-    dir: char,
-    excerpt: Option<&str>,
-    size: u64,
-) -> io::Result<()> {
+fn write_body(out: &mut impl Write, dir: char, excerpt: Option<&str>, size: u64) -> io::Result<()> {
     match excerpt {
         Some(x) if !x.is_empty() => {
             let text = printable(x);
@@ -317,11 +321,7 @@ pub fn render(out: &mut impl Write, e: &Event, requests: &[Event]) -> io::Result
             write_exchange(out, h)?;
         }
         None => {
-            writeln!(
-                out,
-                "* bytes: {} out, {} in",
-                e.bytes_out, e.bytes_in
-            )?;
+            writeln!(out, "* bytes: {} out, {} in", e.bytes_out, e.bytes_in)?;
             if e.kind == EventKind::Connection {
                 if requests.is_empty() {
                     writeln!(out, "* requests: none recorded")?;

@@ -216,9 +216,8 @@ fn query_pairs(q: Option<&str>) -> Vec<NameValue> {
 
 fn excerpt_comment(excerpt: &str, size: u64) -> Option<String> {
     let shown = excerpt.len() as u64;
-    (shown < size).then(|| {
-        format!("masked excerpt recorded by Guard: the first {shown} of {size} bytes")
-    })
+    (shown < size)
+        .then(|| format!("masked excerpt recorded by Guard: the first {shown} of {size} bytes"))
 }
 
 fn entry(e: &Event) -> Option<Entry> {
@@ -421,6 +420,9 @@ mod tests {
         let mut h = request("https", "[::1]:8443", Some(200)).http.unwrap();
         h.host = "::1".into();
         h.query = None;
-        assert_eq!(url_of(&h, Some("[::1]:8443")), "https://[::1]:8443/v1/items");
+        assert_eq!(
+            url_of(&h, Some("[::1]:8443")),
+            "https://[::1]:8443/v1/items"
+        );
     }
 }

@@ -8,8 +8,8 @@ mod ca;
 mod events;
 mod events_export;
 mod events_show;
-mod har;
 mod exec;
+mod har;
 mod policy;
 mod status;
 

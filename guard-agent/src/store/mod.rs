@@ -116,7 +116,11 @@ impl EventStore {
     pub fn query(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
         if let Some(id) = filter.id {
             // Keyed by id: no scan.
-            return Ok(self.get(id)?.into_iter().filter(|e| filter.matches(e)).collect());
+            return Ok(self
+                .get(id)?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect());
         }
         let mut out = Vec::new();
         let limit = filter.limit.unwrap_or(usize::MAX);
