@@ -11,6 +11,7 @@
 //! - `bench`: direct vs through Guard, in one run; prints a report.
 
 mod bench;
+mod bench_https;
 mod demo;
 mod ebpf;
 
