@@ -277,7 +277,7 @@ impl Mitmdump {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
                     .next()
-                    .map(|l| l.trim().to_owned())
+                    .map(|l| l.trim().trim_start_matches("Mitmproxy:").trim().to_owned())
             })
             .unwrap_or_default()
     }
@@ -484,7 +484,7 @@ impl HttpsResults {
                     let m = f(m, k);
                     (
                         format!("{m:.prec$}"),
-                        format!("{:.1}×", g / m),
+                        format!("{:.2}×", g / m),
                         format!("{:.3}×", m / d),
                     )
                 }
@@ -498,7 +498,7 @@ impl HttpsResults {
         let mut m = String::new();
         m += "# Guard HTTPS: direct vs through Guard vs through mitmproxy\n\n";
         m += &format!(
-            "{} run; {} CPUs; client: sync rustls, HTTP/1.1, TLS session resumption off; server: rustls + hyper, ECDSA P-256; mitmproxy: {}.\n\n",
+            "{} run; {} CPUs; client: sync rustls, HTTP/1.1, TLS session resumption off; server: rustls + hyper, ECDSA P-256; mitmproxy {}.\n\n",
             if self.quick { "Quick (--quick)" } else { "Full" },
             thread::available_parallelism().map_or(0, |n| n.get()),
             self.mitm_version

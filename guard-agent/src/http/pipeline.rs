@@ -413,8 +413,7 @@ async fn handle(
                 },
                 None => ev,
             };
-            let sink = ctx2.sink.clone();
-            tokio::spawn(async move { sink.record(ev).await });
+            ctx2.sink.record_soon(ev);
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
@@ -487,6 +486,5 @@ fn finish(ctx: &ConnContext, mut ev: Event, rec: HttpRecord, started: Instant) {
     ev.http = Some(rec);
     ev.closed_at = Some(OffsetDateTime::now_utc());
     ev.duration_ms = Some(ms(started));
-    let sink = ctx.sink.clone();
-    tokio::spawn(async move { sink.record(ev).await });
+    ctx.sink.record_soon(ev);
 }

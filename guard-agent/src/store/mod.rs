@@ -218,6 +218,23 @@ impl EventSink {
         }
     }
 
+    /// Queues an event from synchronous code (a body's end callback):
+    /// straight into the queue when it has room, else by a task that waits
+    /// for room. Not spawning in the common case keeps a task (and the
+    /// wake-up of an idle runtime thread to run it) off every request.
+    pub fn record_soon(&self, e: Event) {
+        match self.tx.try_send(e) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(e)) => {
+                let sink = self.clone();
+                tokio::spawn(async move { sink.record(e).await });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("event writer is gone; an event was lost");
+            }
+        }
+    }
+
     /// Reserves an event id ahead of recording (see [`EventStore::next_id`]).
     pub fn reserve_id(&self) -> u64 {
         self.store.next_id().unwrap_or(0)
