@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: L4 passthrough cost, direct vs through Guard, in one
-//! run.
+//! run; then the HTTPS phases of [`crate::bench_https`] (direct vs Guard vs
+//! mitmproxy) with the same agent. `--only l4|https` runs one part.
 //!
 //! What runs where:
 //! - the **servers** run as threads in this xtask process (outside every
