@@ -37,8 +37,11 @@ pub fn run(state: &StateDirArg, args: ShowArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut found = None;
+    // Matched again here: an agent older than the id filter ignores it.
     let source = for_each_event(state, &filter, false, |e| {
-        found = Some(e);
+        if filter.matches(&e) {
+            found = Some(e);
+        }
         Ok(())
     })?;
     let Some(event) = found else {
@@ -70,7 +73,9 @@ pub fn run(state: &StateDirArg, args: ShowArgs) -> anyhow::Result<()> {
             };
             let mut reqs = Vec::new();
             for_each_event(state, &filter, false, |e| {
-                reqs.push(e);
+                if filter.matches(&e) {
+                    reqs.push(e);
+                }
                 Ok(())
             })?;
             reqs
