@@ -286,7 +286,12 @@ fn write_exchange(out: &mut impl Write, h: &HttpRecord) -> io::Result<()> {
         writeln!(out, "> {k}: {}", printable(v))?;
     }
     writeln!(out, ">")?;
-    write_body(out, '>', h.request_excerpt.as_deref(), h.request_bytes)?;
+    write_body(
+        out,
+        "request",
+        h.request_excerpt.as_deref(),
+        h.request_bytes,
+    )?;
     match h.status {
         Some(s) => {
             writeln!(out, "< {}", status_line(&h.version, s))?;
@@ -294,7 +299,12 @@ fn write_exchange(out: &mut impl Write, h: &HttpRecord) -> io::Result<()> {
                 writeln!(out, "< {k}: {}", printable(v))?;
             }
             writeln!(out, "<")?;
-            write_body(out, '<', h.response_excerpt.as_deref(), h.response_bytes)?;
+            write_body(
+                out,
+                "response",
+                h.response_excerpt.as_deref(),
+                h.response_bytes,
+            )?;
         }
         None => writeln!(out, "* no response")?,
     }
