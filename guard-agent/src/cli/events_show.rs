@@ -252,7 +252,7 @@ fn write_context(out: &mut impl Write, e: &Event) -> io::Result<()> {
     Ok(())
 }
 
-fn write_body(out: &mut impl Write, dir: char, excerpt: Option<&str>, size: u64) -> io::Result<()> {
+fn write_body(out: &mut impl Write, dir: &str, excerpt: Option<&str>, size: u64) -> io::Result<()> {
     match excerpt {
         Some(x) if !x.is_empty() => {
             let text = printable(x);
