@@ -233,6 +233,28 @@ mod tests {
     }
 
     #[test]
+    fn id_and_connection_filters() {
+        let mut e = ev("127.0.0.2:1", None);
+        e.id = 7;
+        e.conn_id = Some(99);
+        let by = |id, conn_id| EventFilter {
+            id,
+            conn_id,
+            ..Default::default()
+        };
+        assert!(by(Some(7), None).matches(&e));
+        assert!(!by(Some(8), None).matches(&e));
+        assert!(by(None, Some(99)).matches(&e));
+        assert!(!by(None, Some(98)).matches(&e));
+        // A filter from an older CLI (no id fields) still parses.
+        let old: EventFilter = serde_json::from_str(
+            r#"{"pid":null,"user":null,"exe":null,"dest":null,"verdict":null,"limit":null}"#,
+        )
+        .unwrap();
+        assert!(old.id.is_none() && old.matches(&e));
+    }
+
+    #[test]
     fn user_and_exe_filters() {
         let mut e = ev("127.0.0.2:1", None);
         e.user = Some("alice".into());
