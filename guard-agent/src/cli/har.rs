@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
+use time::{macros::format_description, OffsetDateTime, UtcOffset};
 
 use super::events_show::reason;
 use crate::store::{Event, FindingRecord, HttpRecord, PolicyRecord};
@@ -220,6 +220,16 @@ fn excerpt_comment(excerpt: &str, size: u64) -> Option<String> {
         .then(|| format!("masked excerpt recorded by Guard: the first {shown} of {size} bytes"))
 }
 
+/// ISO 8601 in UTC with milliseconds (`2026-11-24T10:00:00.123Z`), the form
+/// browsers' HAR importers parse.
+fn started(ts: OffsetDateTime) -> String {
+    ts.to_offset(UtcOffset::UTC)
+        .format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        ))
+        .unwrap_or_default()
+}
+
 fn entry(e: &Event) -> Option<Entry> {
     let h = e.http.as_ref()?;
     let wait = h.ttfb_ms.unwrap_or(0.0).max(0.0);
@@ -242,7 +252,7 @@ fn entry(e: &Event) -> Option<Entry> {
         .and_then(|d| d.parse::<SocketAddr>().ok())
         .map(|a| a.ip().to_string());
     Some(Entry {
-        started_date_time: e.ts.format(&Rfc3339).unwrap_or_default(),
+        started_date_time: started(e.ts),
         time: total,
         request: HarRequest {
             method: h.method.clone(),
@@ -314,7 +324,6 @@ fn entry(e: &Event) -> Option<Entry> {
 mod tests {
     use super::*;
     use crate::store::{EventKind, Verdict};
-    use time::OffsetDateTime;
 
     fn request(scheme: &str, dst: &str, status: Option<u16>) -> Event {
         let mut e = Event::connection(OffsetDateTime::UNIX_EPOCH);
@@ -354,7 +363,7 @@ mod tests {
         assert_eq!(v["log"]["version"], "1.2");
         assert_eq!(v["log"]["creator"]["name"], "guard-agent");
         let e = &v["log"]["entries"][0];
-        assert_eq!(e["startedDateTime"], "1970-01-01T00:00:00Z");
+        assert_eq!(e["startedDateTime"], "1970-01-01T00:00:00.000Z");
         assert_eq!(e["time"], 5.5);
         assert_eq!(e["timings"]["wait"], 3.0);
         assert_eq!(e["timings"]["receive"], 2.5);
