@@ -66,18 +66,22 @@ where
 {
     // Upgraded streams (WebSocket) outlive the HTTP connection future: wait
     // for them, so the connection ends (and is counted) when they do.
-    let upgrades: Upgrades = Arc::default();
-    let tasks = Arc::clone(&upgrades);
+    // If this future is dropped (the agent stops), `_stop` goes with it and
+    // the upgraded sessions end and record themselves.
+    let upgrades = Upgrades::default();
+    let (_stop, stopped) = tokio::sync::watch::channel(());
+    let tasks = upgrades.clone();
     let svc = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
-        let tasks = Arc::clone(&tasks);
-        async move { Ok::<_, Infallible>(handle(req, ctx, tasks).await) }
+        let tasks = tasks.clone();
+        let stopped = stopped.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx, tasks, stopped).await) }
     });
     let res = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
         .map_err(|e| e.to_string());
-    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
+    let pending = std::mem::take(&mut *upgrades.0.lock().unwrap_or_else(|e| e.into_inner()));
     for t in pending {
         let _ = t.await;
     }
@@ -85,7 +89,8 @@ where
 }
 
 /// The tasks carrying upgraded streams of one connection.
-type Upgrades = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+#[derive(Clone, Default)]
+struct Upgrades(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
 
 fn host_of(req: &Request<Incoming>, ctx: &ConnContext) -> String {
     let from_uri = req.uri().host().map(str::to_owned);
@@ -162,6 +167,7 @@ async fn handle(
     req: Request<Incoming>,
     ctx: Arc<ConnContext>,
     upgrades: Upgrades,
+    stopped: tokio::sync::watch::Receiver<()>,
 ) -> Response<PipeBody> {
     let started = Instant::now();
     let mut ev = ctx.template.clone();
@@ -375,8 +381,10 @@ async fn handle(
                 rx,
                 ctx.sink.clone(),
                 started,
+                stopped,
             ));
             upgrades
+                .0
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(task);

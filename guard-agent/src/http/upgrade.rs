@@ -66,12 +66,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountReads<T> {
 /// has gone out) with the session's duration and bytes: client → upstream
 /// as out, upstream → client as in. A peer that closes without a TLS
 /// close_notify ends the session normally; other I/O errors are recorded.
+/// When `stopped`'s sender goes away (the connection's task was dropped:
+/// the agent stops) the session ends and its event says so.
 pub async fn carry(
     client_side: OnUpgrade,
     upstream_side: OnUpgrade,
     event: tokio::sync::oneshot::Receiver<Event>,
     sink: EventSink,
     started: Instant,
+    mut stopped: tokio::sync::watch::Receiver<()>,
 ) {
     let (c, u) = tokio::join!(client_side, upstream_side);
     let session_start = Instant::now();
@@ -87,10 +90,15 @@ pub async fn carry(
                 inner: TokioIo::new(u),
                 read: Arc::clone(&inn),
             };
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok(_) => None,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
-                Err(e) => Some(format!("upgraded session ended with an error: {e}")),
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+                    Ok(_) => None,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
+                    Err(e) => Some(format!("upgraded session ended with an error: {e}")),
+                },
+                _ = stopped.changed() => {
+                    Some("agent stopped while the upgraded session was open".to_owned())
+                }
             }
         }
         (Err(e), _) => Some(format!("the client side of the upgrade failed: {e}")),
