@@ -729,6 +729,18 @@ fn websocket_upgrades_are_carried_and_recorded() {
     assert_eq!(e["http"]["status"], 101);
     assert_eq!(e["http"]["upgrade"], "websocket");
     assert_eq!(e["http"]["scheme"], "http");
+    // The exchange's event carries the session after the handshake: its
+    // duration and the frames' bytes each way (100 000 B of binary frame).
+    assert!(e["http"]["upgrade_ms"].as_f64().is_some(), "{e:#}");
+    assert!(
+        e["http"]["upgrade_bytes_out"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
+    assert!(
+        e["http"]["upgrade_bytes_in"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
+    assert!(e["error"].is_null(), "{e:#}");
     let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
     assert!(
         conns[0]["bytes_out"].as_u64().unwrap() > 100_000,
@@ -766,6 +778,15 @@ fn websocket_over_tls_is_carried_and_recorded() {
     assert_eq!(e["http"]["upgrade"], "websocket");
     assert_eq!(e["http"]["scheme"], "https");
     assert_eq!(e["tls"]["sni"], "api.test");
+    assert!(e["http"]["upgrade_ms"].as_f64().is_some(), "{e:#}");
+    assert!(
+        e["http"]["upgrade_bytes_out"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
+    assert!(
+        e["http"]["upgrade_bytes_in"].as_u64().unwrap() > 100_000,
+        "{e:#}"
+    );
     // The connection ends when the WebSocket does, its frames counted.
     let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 1);
     assert!(
@@ -773,6 +794,85 @@ fn websocket_over_tls_is_carried_and_recorded() {
         "{:#}",
         conns[0]
     );
+}
+
+const PY_WEBSOCKET_STAYS_OPEN: &str = r#"
+import base64, os, socket, sys
+port = int(sys.argv[1])
+s = socket.create_connection(('127.0.0.2', port), timeout=120)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall((f'GET /ws HTTP/1.1\r\nHost: 127.0.0.2:{port}\r\nUpgrade: websocket\r\n'
+           f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
+           'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+buf = b''
+while b'\r\n\r\n' not in buf:
+    buf += s.recv(4096)
+mask = os.urandom(4)
+payload = b'still here'
+s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+while len(buf.split(b'\r\n\r\n', 1)[1]) < 2 + len(payload):
+    buf += s.recv(4096)
+print('open', flush=True)
+while s.recv(4096):
+    pass
+print('closed', flush=True)
+"#;
+
+#[test]
+fn an_agent_stopping_during_a_websocket_session_ends_it_and_records_it() {
+    require_root();
+    let ca = TestCa::new();
+    let plain = TlsServer::start_plain(external_v4(0));
+    let cg = TestCgroup::new("https-ws-stop");
+    let mut agent = agent_for(&cg, &ca, &[]);
+
+    let mut client = cg
+        .command("python3")
+        .args(["-c", PY_WEBSOCKET_STAYS_OPEN, &plain.port().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    guard_harness::read_line_until(
+        &mut client,
+        |l| l == "open",
+        std::time::Duration::from_secs(30),
+    );
+
+    // SIGTERM with the session open: the agent still stops (it does not
+    // wait for the WebSocket to end)...
+    let mut child = agent.child.take().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent did not stop:\n{}", agent.log_text());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+    let _ = client.kill();
+    let _ = client.wait();
+
+    // ...and the store holds the exchange, saying how it ended.
+    let dst = plain.addr.to_string();
+    let ev = guard_harness::events_in(&agent.state_dir, &["--http", "--dest", &dst]);
+    let e = by_path(&ev, "/ws");
+    assert_eq!(e["http"]["upgrade"], "websocket");
+    assert!(
+        str_field(e, "error").contains("agent stopped while the upgraded session was open"),
+        "{e:#}"
+    );
+    assert!(e["http"]["upgrade_ms"].as_f64().is_some(), "{e:#}");
+    assert!(
+        e["http"]["upgrade_bytes_out"].as_u64().unwrap() > 0,
+        "{e:#}"
+    );
+    assert!(e["http"]["upgrade_bytes_in"].as_u64().unwrap() > 0, "{e:#}");
 }
 
 #[test]

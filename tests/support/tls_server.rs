@@ -228,6 +228,9 @@ impl TlsServer {
                     continue;
                 };
                 st.connections.fetch_add(1, Ordering::Relaxed);
+                // As real servers do: no Nagle delay on small writes (a TLS
+                // handshake flight or a short response).
+                let _ = tcp.set_nodelay(true);
                 let st = Arc::clone(&st);
                 let tls = tls.clone();
                 tokio::spawn(async move {

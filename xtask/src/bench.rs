@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: L4 passthrough cost, direct vs through Guard, in one
-//! run.
+//! run; then the HTTPS phases of [`crate::bench_https`] (direct vs Guard vs
+//! mitmproxy) with the same agent. `--only l4|https` runs one part.
 //!
 //! What runs where:
 //! - the **servers** run as threads in this xtask process (outside every
@@ -64,7 +65,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context};
-use guard_harness::{command_in, Agent, AgentOptions, TestCgroup};
+use guard_harness::{command_in, tls_server::TestCa, Agent, AgentOptions, TestCgroup};
 use serde_json::{json, Value};
 
 /// Options of `cargo xtask bench`.
@@ -73,9 +74,21 @@ pub struct BenchArgs {
     /// Small counts: a smoke run of a few seconds.
     #[arg(long)]
     quick: bool,
-    /// Directory for l4.md and l4.json (default: <target>/bench).
+    /// Directory for l4.md, l4.json, https.md and https.json (default: <target>/bench).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run only this part (default: both).
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+}
+
+/// The parts of the bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// L4 passthrough: connect latency, short connections, stream.
+    L4,
+    /// HTTPS: keep-alive and new TLS connections, with mitmproxy.
+    Https,
 }
 
 /// What the hidden `bench-client` subcommand does.
@@ -87,6 +100,10 @@ pub enum Mode {
     Rps,
     /// One upload of `--bytes` (bounded by `--max-secs`).
     Stream,
+    /// HTTPS keep-alive GETs on `--threads` connections.
+    HttpsKeepalive,
+    /// HTTPS: a new connection (full handshake) per GET.
+    HttpsHandshake,
 }
 
 /// Options of the hidden `bench-client` subcommand (one JSON line out).
@@ -96,16 +113,19 @@ pub struct ClientArgs {
     mode: Mode,
     /// Server address; must be in 127.0.0.0/8.
     #[arg(long)]
-    addr: SocketAddr,
-    /// Timed connections (latency, rps).
+    pub(crate) addr: SocketAddr,
+    /// Timed connections (latency, rps) or requests (https-*).
     #[arg(long, default_value_t = 1000)]
-    n: u64,
-    /// Untimed connections first (latency, rps).
+    pub(crate) n: u64,
+    /// Untimed connections first (latency, rps) or requests (https-*).
     #[arg(long, default_value_t = 0)]
-    warmup: u64,
-    /// Client threads (rps).
+    pub(crate) warmup: u64,
+    /// Client threads (rps, https-*).
     #[arg(long, default_value_t = 4)]
-    threads: u64,
+    pub(crate) threads: u64,
+    /// CA certificate (PEM) the HTTPS client trusts (https-*).
+    #[arg(long)]
+    pub(crate) ca: Option<PathBuf>,
     /// Bytes to upload (stream).
     #[arg(long, default_value_t = 1 << 30)]
     bytes: u64,
@@ -133,6 +153,8 @@ pub fn client(a: ClientArgs) -> anyhow::Result<()> {
         Mode::Latency => latency_client(&a)?,
         Mode::Rps => rps_client(&a)?,
         Mode::Stream => stream_client(&a)?,
+        Mode::HttpsKeepalive => crate::bench_https::keepalive_client(&a)?,
+        Mode::HttpsHandshake => crate::bench_https::handshake_client(&a)?,
     };
     println!("{out}");
     Ok(())
@@ -159,7 +181,7 @@ fn first_byte(addr: SocketAddr) -> anyhow::Result<Duration> {
 }
 
 /// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -329,11 +351,13 @@ fn sink_server() -> anyhow::Result<SocketAddr> {
 
 // ---------------------------------------------------------------- bench
 
-/// Direct, or through the agent.
+/// Direct, through the agent, or (HTTPS only) through mitmproxy.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Via {
+pub(crate) enum Via {
     Direct,
     Guard,
+    /// The client outside Guard's cgroup, talking to a mitmdump.
+    Mitmproxy,
 }
 
 impl Via {
@@ -341,6 +365,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Guard => "guard",
+            Via::Mitmproxy => "mitmproxy",
         }
     }
 }
@@ -439,7 +464,7 @@ fn counters(agent: &Agent) -> (u64, u64) {
     )
 }
 
-struct Bench {
+pub(crate) struct Bench {
     client_exe: PathBuf,
     cgroup: PathBuf,
     agent: Agent,
@@ -450,7 +475,7 @@ struct Bench {
 impl Bench {
     /// Runs the client once; checks that the agent saw exactly the
     /// connections it should have.
-    fn client(
+    pub(crate) fn client(
         &mut self,
         via: Via,
         mode: &str,
@@ -459,7 +484,7 @@ impl Bench {
     ) -> anyhow::Result<Value> {
         let exe = self.client_exe.to_str().context("client path")?;
         let mut cmd = match via {
-            Via::Direct => Command::new(exe),
+            Via::Direct | Via::Mitmproxy => Command::new(exe),
             Via::Guard => command_in(&self.cgroup, exe),
         };
         cmd.arg("bench-client")
@@ -484,9 +509,10 @@ impl Bench {
         let (red1, err1) = counters(&self.agent);
         let redirected = red1 - red0;
         match via {
-            Via::Direct => ensure!(
+            Via::Direct | Via::Mitmproxy => ensure!(
                 redirected == 0,
-                "the direct {mode} run went through Guard ({redirected} connections redirected)"
+                "the {} {mode} run went through Guard ({redirected} connections redirected)",
+                via.name()
             ),
             Via::Guard => ensure!(
                 redirected == conns,
@@ -535,17 +561,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     ensure!(agent_bin.exists(), "{} not found", agent_bin.display());
 
     let cg = TestCgroup::new("bench");
+    // The HTTPS server's CA, which the agent trusts upstream.
+    let ca = TestCa::new();
     let agent = Agent::start(AgentOptions {
         cgroups: vec![cg.path.clone()],
         intercept: vec!["127.0.0.2/32".into()],
+        extra_args: vec![
+            "--upstream-root".into(),
+            ca.pem_path().display().to_string(),
+        ],
         ..Default::default()
     });
     let pid = agent.pid();
+    let guard_ca = agent.ca_pem_path();
     thread::sleep(Duration::from_secs(1));
     let idle_kib = proc_kib(pid, "VmRSS").context("the agent's VmRSS")?;
     // Start-up (loading the kernel programs) has its own peak: keep it apart.
     let startup_hwm_kib = proc_kib(pid, "VmHWM").unwrap_or(0);
-    let sampler = RssSampler::start(pid);
 
     let mut b = Bench {
         client_exe: std::env::current_exe()?,
@@ -553,6 +585,62 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         agent,
         agent_errors: Vec::new(),
     };
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    if a.only != Some(Part::Https) {
+        run_l4(
+            &mut b,
+            &sizes,
+            a.quick,
+            started,
+            idle_kib,
+            startup_hwm_kib,
+            &out_dir,
+        )?;
+    }
+    if a.only != Some(Part::L4) {
+        let https = crate::bench_https::run(&mut b, &ca, guard_ca, a.quick)?;
+        let md = https.markdown();
+        print!("{md}");
+        write(&out_dir.join("https.md"), md.as_bytes())?;
+        write(
+            &out_dir.join("https.json"),
+            serde_json::to_string_pretty(&https.json())?.as_bytes(),
+        )?;
+        let errs: Vec<String> = b
+            .agent_errors
+            .iter()
+            .filter(|(k, n)| k.starts_with("https") && *n > 0)
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect();
+        if !errs.is_empty() {
+            eprintln!(
+                "bench: connections the agent counted as errors: {}",
+                errs.join(", ")
+            );
+        }
+        eprintln!(
+            "bench: wrote {} and {}",
+            out_dir.join("https.md").display(),
+            out_dir.join("https.json").display()
+        );
+    }
+    drop(b);
+    drop(cg);
+    Ok(())
+}
+
+/// The L4 phases and their report (l4.md, l4.json).
+fn run_l4(
+    b: &mut Bench,
+    sizes: &Sizes,
+    quick: bool,
+    started: Instant,
+    idle_kib: u64,
+    startup_hwm_kib: u64,
+    out_dir: &Path,
+) -> anyhow::Result<()> {
+    let pid = b.agent.pid();
+    let sampler = RssSampler::start(pid);
     let s = |v: &[(&str, String)]| -> Vec<String> {
         v.iter()
             .flat_map(|(k, v)| [format!("--{k}"), v.clone()])
@@ -589,16 +677,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     thread::sleep(Duration::from_secs(1));
     let after_kib = proc_kib(pid, "VmRSS").unwrap_or(0);
     let status = b.agent.status();
-    let Bench {
-        agent,
-        agent_errors,
-        ..
-    } = b;
-    drop(agent);
-    drop(cg);
 
     let results = Results {
-        quick: a.quick,
+        quick,
         lat,
         rps,
         stream,
@@ -607,13 +688,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         peak_kib,
         hwm_kib,
         after_kib,
-        agent_errors,
+        agent_errors: b.agent_errors.clone(),
         agent_status: status,
         secs: started.elapsed().as_secs_f64(),
     };
     let md = results.markdown();
     print!("{md}");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
     write(&out_dir.join("l4.md"), md.as_bytes())?;
     write(
         &out_dir.join("l4.json"),

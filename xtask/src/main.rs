@@ -8,9 +8,11 @@
 //!   load kernel programs).
 //! - `ci`: fmt, clippy, check-ebpf, test — what `.ci/run` runs.
 //! - `demo`: the end-to-end demonstration in the README.
-//! - `bench`: direct vs through Guard, in one run; prints a report.
+//! - `bench`: direct vs through Guard (L4), and direct vs Guard vs mitmproxy
+//!   (HTTPS), in one run; prints a report.
 
 mod bench;
+mod bench_https;
 mod demo;
 mod ebpf;
 

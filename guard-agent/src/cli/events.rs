@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, Subcommand};
 use time::OffsetDateTime;
 
 use super::{cli_runtime, socket_error, StateDirArg};
@@ -17,15 +17,34 @@ use crate::{
 };
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct EventsArgs {
     #[command(flatten)]
     pub state: StateDirArg,
+    #[command(subcommand)]
+    pub action: Option<EventsAction>,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
     /// Keep printing new events as they are recorded.
     #[arg(long, short)]
     pub follow: bool,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsAction {
+    /// One event in full: a request and its response the way `curl -v`
+    /// prints them, or a connection and its requests.
+    Show(super::events_show::ShowArgs),
+    /// Write matching events to a file or stdout as NDJSON or HAR 1.2.
+    Export(Box<super::events_export::ExportArgs>),
+}
+
+/// The filters of `events` and `events export`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
     /// Only events at or after this time (RFC 3339, or an age: 10m, 2h, 1d).
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
@@ -44,7 +63,7 @@ pub struct EventsArgs {
     /// Only this destination: HOST, *.DOMAIN, CIDR, with an optional :PORT.
     #[arg(long, value_name = "HOST|CIDR[:PORT]")]
     pub dest: Option<String>,
-    /// Only this verdict: allow, block, error.
+    /// Only this verdict: allow, mask, block, error.
     #[arg(long)]
     pub verdict: Option<String>,
     /// Only this kind: connection, http, dns, approval, grant, policy_reload.
@@ -58,8 +77,8 @@ pub struct EventsArgs {
     pub limit: Option<usize>,
 }
 
-impl EventsArgs {
-    fn filter(&self) -> anyhow::Result<EventFilter> {
+impl FilterArgs {
+    pub fn filter(&self) -> anyhow::Result<EventFilter> {
         let now = OffsetDateTime::now_utc();
         let t = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<OffsetDateTime>> {
             s.as_deref()
@@ -80,7 +99,7 @@ impl EventsArgs {
             verdict: match self.verdict.as_deref() {
                 None => None,
                 Some(v) => Some(Verdict::parse(v).ok_or_else(|| {
-                    anyhow::anyhow!("--verdict: `{v}` is not one of allow, block, error")
+                    anyhow::anyhow!("--verdict: `{v}` is not one of allow, mask, block, error")
                 })?),
             },
             kind: match (self.http, self.kind.as_deref()) {
@@ -91,6 +110,7 @@ impl EventsArgs {
                 })?),
             },
             limit: self.limit,
+            ..Default::default()
         })
     }
 }
@@ -226,18 +246,52 @@ impl Printer {
 }
 
 pub fn run(args: EventsArgs) -> anyhow::Result<()> {
-    let filter = args.filter()?;
-    let sock = AgentConfig::admin_socket(&args.state.state_dir);
+    match args.action {
+        Some(EventsAction::Show(a)) => return super::events_show::run(&args.state, a),
+        Some(EventsAction::Export(a)) => return super::events_export::run(&args.state, *a),
+        None => {}
+    }
+    let filter = args.filters.filter()?;
     let mut printer = Printer {
         json: args.json,
         header_done: false,
     };
     let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let source = for_each_event(&args.state, &filter, args.follow, |e| {
+        printer.print(&mut out, &e)
+    })?;
+    if args.follow && source == Source::Store {
+        eprintln!("guard-agent: no agent is running; nothing more will be recorded");
+    }
+    Ok(())
+}
+
+/// Where events were read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The running agent, through the admin socket.
+    Agent,
+    /// The store directly (no agent runs).
+    Store,
+}
+
+/// Calls `each` with every event matching `filter`, oldest first: through
+/// the admin socket while the agent runs (with `follow`, until it stops),
+/// straight from the store otherwise. A broken pipe from `each` ends the
+/// listing quietly.
+pub fn for_each_event(
+    state: &StateDirArg,
+    filter: &EventFilter,
+    follow: bool,
+    mut each: impl FnMut(Event) -> io::Result<()>,
+) -> anyhow::Result<Source> {
+    let sock = AgentConfig::admin_socket(&state.state_dir);
     let rt = cli_runtime()?;
     let via_agent = rt.block_on(async {
         let req = Request::Events {
             filter: filter.clone(),
-            follow: args.follow,
+            follow,
         };
         let mut client = match AdminClient::request(&sock, &req).await {
             Ok(c) => c,
@@ -251,11 +305,10 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
             }
             Err(e) => return Err(socket_error(&sock, e)),
         };
-        let mut out = stdout.lock();
         while let Some(resp) = client.next().await? {
             match resp {
                 Response::Event(e) => {
-                    if let Err(e) = printer.print(&mut out, &e) {
+                    if let Err(e) = each(*e) {
                         if e.kind() == io::ErrorKind::BrokenPipe {
                             return Ok(true);
                         }
@@ -267,17 +320,17 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
                 other => bail!("unexpected response from the agent: {other:?}"),
             }
         }
-        if args.follow {
+        if follow {
             bail!("the agent stopped");
         }
         Ok(true)
     })?;
     if via_agent {
-        return Ok(());
+        return Ok(Source::Agent);
     }
 
     // No agent: read the store directly.
-    let path = AgentConfig::store_dir(&args.state.state_dir);
+    let path = AgentConfig::store_dir(&state.state_dir);
     if !path.exists() {
         bail!(
             "no event store at {} (has the agent run with this state directory?)",
@@ -286,12 +339,13 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
     }
     let store = EventStore::open(&path)
         .with_context(|| "reading the store directly (no agent is running)")?;
-    let mut out = stdout.lock();
-    for e in store.query(&filter)? {
-        printer.print(&mut out, &e)?;
+    for e in store.query(filter)? {
+        if let Err(e) = each(e) {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                break;
+            }
+            return Err(e.into());
+        }
     }
-    if args.follow {
-        eprintln!("guard-agent: no agent is running; nothing more will be recorded");
-    }
-    Ok(())
+    Ok(Source::Store)
 }

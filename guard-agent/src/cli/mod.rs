@@ -8,7 +8,10 @@
 mod approvals;
 mod ca;
 mod events;
+mod events_export;
+mod events_show;
 mod exec;
+mod har;
 mod policy;
 mod status;
 

@@ -74,18 +74,22 @@ where
 {
     // Upgraded streams (WebSocket) outlive the HTTP connection future: wait
     // for them, so the connection ends (and is counted) when they do.
-    let upgrades: Upgrades = Arc::default();
-    let tasks = Arc::clone(&upgrades);
+    // If this future is dropped (the agent stops), `_stop` goes with it and
+    // the upgraded sessions end and record themselves.
+    let upgrades = Upgrades::default();
+    let (_stop, stopped) = tokio::sync::watch::channel(());
+    let tasks = upgrades.clone();
     let svc = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
-        let tasks = Arc::clone(&tasks);
-        async move { Ok::<_, Infallible>(handle(req, ctx, tasks).await) }
+        let tasks = tasks.clone();
+        let stopped = stopped.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx, tasks, stopped).await) }
     });
     let res = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
         .map_err(|e| e.to_string());
-    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
+    let pending = std::mem::take(&mut *upgrades.0.lock().unwrap_or_else(|e| e.into_inner()));
     for t in pending {
         let _ = t.await;
     }
@@ -93,7 +97,8 @@ where
 }
 
 /// The tasks carrying upgraded streams of one connection.
-type Upgrades = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+#[derive(Clone, Default)]
+struct Upgrades(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
 
 fn host_of(req: &Request<Incoming>, ctx: &ConnContext) -> String {
     let from_uri = req.uri().host().map(str::to_owned);
@@ -170,6 +175,7 @@ async fn handle(
     req: Request<Incoming>,
     ctx: Arc<ConnContext>,
     upgrades: Upgrades,
+    stopped: tokio::sync::watch::Receiver<()>,
 ) -> Response<PipeBody> {
     let started = Instant::now();
     let mut ev = ctx.template.clone();
@@ -395,6 +401,9 @@ async fn handle(
     let mut resp = resp;
     rec.ttfb_ms = Some(ms(started));
     rec.status = Some(resp.status().as_u16());
+    // An upgraded exchange is recorded when its session ends (see
+    // `upgrade::carry`); the response-body step hands it the event.
+    let mut upgraded_event = None;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = client_upgrade {
             rec.upgrade = resp
@@ -403,14 +412,18 @@ async fn handle(
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.to_ascii_lowercase());
             let upstream_side = hyper::upgrade::on(&mut resp);
-            let task = tokio::spawn(async move {
-                if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
-                            .await;
-                }
-            });
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            upgraded_event = Some(tx);
+            let task = tokio::spawn(super::upgrade::carry(
+                client_side,
+                upstream_side,
+                rx,
+                ctx.sink.clone(),
+                started,
+                stopped,
+            ));
             upgrades
+                .0
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(task);
@@ -440,8 +453,14 @@ async fn handle(
             ev.http = Some(rec);
             ev.closed_at = Some(OffsetDateTime::now_utc());
             ev.duration_ms = Some(ms(started));
-            let sink = ctx2.sink.clone();
-            tokio::spawn(async move { sink.record(ev).await });
+            let ev = match upgraded_event {
+                Some(tx) => match tx.send(ev) {
+                    Ok(()) => return,
+                    Err(ev) => ev,
+                },
+                None => ev,
+            };
+            ctx2.sink.record_soon(ev);
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
@@ -582,6 +601,5 @@ fn finish(ctx: &ConnContext, mut ev: Event, rec: HttpRecord, started: Instant) {
     ev.http = Some(rec);
     ev.closed_at = Some(OffsetDateTime::now_utc());
     ev.duration_ms = Some(ms(started));
-    let sink = ctx.sink.clone();
-    tokio::spawn(async move { sink.record(ev).await });
+    ctx.sink.record_soon(ev);
 }

@@ -232,6 +232,15 @@ pub struct HttpRecord {
     pub response_excerpt: Option<String>,
     /// Protocol upgrade carried after the exchange (e.g. "websocket").
     pub upgrade: Option<String>,
+    /// After an upgrade: how long the upgraded session lasted (from the
+    /// 101 to its close) and the bytes it carried each way. The event of an
+    /// upgraded exchange is recorded when the session ends.
+    #[serde(default)]
+    pub upgrade_ms: Option<f64>,
+    #[serde(default)]
+    pub upgrade_bytes_out: u64,
+    #[serde(default)]
+    pub upgrade_bytes_in: u64,
 }
 
 /// Which rule decided, and what it said.

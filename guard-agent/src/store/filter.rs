@@ -1,5 +1,6 @@
 //! Event filters: what `guard-agent events` can ask for (`--since`,
-//! `--until`, `--pid`, `--user`, `--exe`, `--dest`, `--verdict`, `--limit`),
+//! `--until`, `--pid`, `--user`, `--exe`, `--dest`, `--verdict`, `--limit`,
+//! one event by id, the events of one connection),
 //! parsed once and matched against stored events.
 
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +41,12 @@ pub struct EventFilter {
     pub kind: Option<EventKind>,
     /// At most this many events: the most recent ones.
     pub limit: Option<usize>,
+    /// Only the event with this id (`events show ID`).
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// Only events of this connection (a connection and its requests).
+    #[serde(default)]
+    pub conn_id: Option<u64>,
 }
 
 /// Parses `--since`/`--until`: RFC 3339 (`2026-11-24T10:00:00Z`) or an age
@@ -162,6 +169,12 @@ impl EventFilter {
         if self.kind.is_some_and(|k| e.kind != k) {
             return false;
         }
+        if self.id.is_some_and(|id| e.id != id) {
+            return false;
+        }
+        if self.conn_id.is_some_and(|c| e.conn_id != Some(c)) {
+            return false;
+        }
         true
     }
 }
@@ -217,6 +230,28 @@ mod tests {
         );
         assert!(parse_time("2026-11-24T10:00:00Z", now).is_ok());
         assert!(parse_time("yesterday", now).is_err());
+    }
+
+    #[test]
+    fn id_and_connection_filters() {
+        let mut e = ev("127.0.0.2:1", None);
+        e.id = 7;
+        e.conn_id = Some(99);
+        let by = |id, conn_id| EventFilter {
+            id,
+            conn_id,
+            ..Default::default()
+        };
+        assert!(by(Some(7), None).matches(&e));
+        assert!(!by(Some(8), None).matches(&e));
+        assert!(by(None, Some(99)).matches(&e));
+        assert!(!by(None, Some(98)).matches(&e));
+        // A filter from an older CLI (no id fields) still parses.
+        let old: EventFilter = serde_json::from_str(
+            r#"{"pid":null,"user":null,"exe":null,"dest":null,"verdict":null,"limit":null}"#,
+        )
+        .unwrap();
+        assert!(old.id.is_none() && old.matches(&e));
     }
 
     #[test]

@@ -107,8 +107,24 @@ impl EventStore {
         Ok(self.db.generate_id()? + 1)
     }
 
+    /// One event by id.
+    pub fn get(&self, id: u64) -> Result<Option<Event>, StoreError> {
+        match self.events.get(id.to_be_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Matching events, oldest first; with a limit, the most recent `limit`.
     pub fn query(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        if let Some(id) = filter.id {
+            // Keyed by id: no scan.
+            return Ok(self
+                .get(id)?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect());
+        }
         let mut out = Vec::new();
         let limit = filter.limit.unwrap_or(usize::MAX);
         for kv in self.events.iter().rev() {
@@ -202,6 +218,23 @@ impl EventSink {
     pub async fn record(&self, e: Event) {
         if self.tx.send(e).await.is_err() {
             tracing::error!("event writer is gone; an event was lost");
+        }
+    }
+
+    /// Queues an event from synchronous code (a body's end callback):
+    /// straight into the queue when it has room, else by a task that waits
+    /// for room. Not spawning in the common case keeps a task (and the
+    /// wake-up of an idle runtime thread to run it) off every request.
+    pub fn record_soon(&self, e: Event) {
+        match self.tx.try_send(e) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(e)) => {
+                let sink = self.clone();
+                tokio::spawn(async move { sink.record(e).await });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("event writer is gone; an event was lost");
+            }
         }
     }
 
@@ -309,6 +342,16 @@ mod tests {
         assert_eq!(last.len(), 2);
         assert_eq!(last[1].id, all[2].id);
         assert_eq!(s.after(all[0].id).unwrap().len(), 2);
+        assert_eq!(s.get(all[1].id).unwrap().unwrap().id, all[1].id);
+        assert!(s.get(all[2].id + 100).unwrap().is_none());
+        let one = s
+            .query(&EventFilter {
+                id: Some(all[0].id),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].id, all[0].id);
     }
 
     #[test]
