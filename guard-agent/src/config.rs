@@ -38,6 +38,12 @@ pub struct ConfigFile {
     pub upstream_roots: Option<Vec<PathBuf>>,
     pub tls_passthrough: Option<Vec<String>>,
     pub inspect_tls: Option<bool>,
+    /// Named scopes (users, units, slices, the whole host): see `scope.rs`.
+    pub scope: Option<crate::scope::ScopeConfig>,
+    /// Prometheus metrics endpoint, e.g. "127.0.0.1:9115" (off by default).
+    pub metrics: Option<String>,
+    /// Allow a metrics address that is not loopback.
+    pub metrics_non_loopback: Option<bool>,
 }
 
 /// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
@@ -62,6 +68,8 @@ pub struct ConfigFlags {
     pub upstream_roots: Vec<PathBuf>,
     pub tls_passthrough: Vec<String>,
     pub no_inspect_tls: bool,
+    pub scope: crate::scope::ScopeConfig,
+    pub metrics: Option<String>,
 }
 
 /// How long and how much the event store keeps.
@@ -105,6 +113,10 @@ pub struct AgentConfig {
     pub tls_passthrough: Vec<String>,
     /// Terminate TLS to inspect HTTPS (default true).
     pub inspect_tls: bool,
+    /// Named scopes, resolved into `cgroups` and `uids` at start-up.
+    pub scope: crate::scope::ScopeConfig,
+    /// Where to serve Prometheus metrics (None: not served).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A configuration problem, with where it is.
@@ -257,11 +269,12 @@ impl AgentConfig {
             flags.cgroups
         };
         let exec_cgroup = flags.exec_cgroup.or(file.exec_cgroup);
-        if cgroups.is_empty() && exec_cgroup.is_none() {
+        let scope = file.scope.unwrap_or_default().merged(flags.scope);
+        if cgroups.is_empty() && exec_cgroup.is_none() && scope.is_empty() {
             return Err(field_err(
                 &origin,
                 "cgroups",
-                "no cgroup to monitor: give at least one (--cgroup PATH, or `cgroups: [\"/sys/fs/cgroup/user.slice\"]`) or an exec_cgroup",
+                "no cgroup to monitor: give at least one (--cgroup PATH, or `cgroups: [\"/sys/fs/cgroup/user.slice\"]`), a scope (--scope-interactive, --unit NAME, `scope: (interactive: true)`) or an exec_cgroup",
             ));
         }
         for (i, c) in cgroups.iter().enumerate() {
@@ -322,7 +335,29 @@ impl AgentConfig {
         } else {
             flags.upstream_roots
         };
+        let metrics = match flags.metrics.or(file.metrics) {
+            None => None,
+            Some(m) => {
+                let addr: SocketAddr = m.parse().map_err(|_| {
+                    field_err(
+                        &origin,
+                        "metrics",
+                        format!("`{m}` is not an address with a port (e.g. 127.0.0.1:9115)"),
+                    )
+                })?;
+                if !addr.ip().is_loopback() && !file.metrics_non_loopback.unwrap_or(false) {
+                    return Err(field_err(
+                        &origin,
+                        "metrics",
+                        format!("`{m}` is not a loopback address; metrics are served on loopback only unless the config file sets `metrics_non_loopback: true`"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         Ok(Self {
+            scope,
+            metrics,
             policy_dir: flags.policy_dir.or(file.policy_dir),
             upstream_roots,
             tls_passthrough,

@@ -78,6 +78,10 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error("detectors: {0}")]
     Dlp(#[from] crate::dlp::DlpError),
+    #[error(transparent)]
+    Scope(#[from] crate::scope::ScopeError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// The policy used when no policy directory is configured.
@@ -248,13 +252,21 @@ fn admin_gid(name: &str) -> Option<u32> {
 
 /// Reloads the policy directory; a bad file keeps the last good policy.
 /// `why` says what triggered it (SIGHUP, a file change).
-fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, why: &str) {
+fn reload_policy(
+    cfg: &AgentConfig,
+    store: &PolicyStore,
+    stamp: &crate::policy::PolicyVersion,
+    why: &str,
+) {
     let Some(dir) = &cfg.policy_dir else {
         tracing::info!("{why}: no policy directory configured; the built-in policy stays");
         return;
     };
     match store.reload(dir) {
-        Ok(v) => tracing::info!(version = v, "{why}: policy reloaded"),
+        Ok(v) => {
+            stamp.reloaded(v, dir);
+            tracing::info!(version = v, "{why}: policy reloaded")
+        }
         Err(e) => tracing::error!("{why}: policy not reloaded, the last good one stays: {e}"),
     }
 }
@@ -289,6 +301,11 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         return Err(StartError::NotRoot);
     }
     let mount = cgroup::cgroup2_mount()?;
+    // Named scopes (units, user.slice, users, the host) become cgroups and uids.
+    let scope = crate::scope::resolve(&mount, &cfg.scope)?;
+    cfg.cgroups.extend(scope.cgroups);
+    cfg.cgroups = crate::scope::outermost(std::mem::take(&mut cfg.cgroups));
+    cfg.uids.extend(scope.uids);
     for c in &cfg.cgroups {
         if !c.exists() {
             return Err(StartError::MissingCgroup(c.clone()));
@@ -347,6 +364,23 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
 
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut metrics_tasks = Vec::new();
+    if let Some(addr) = cfg.metrics {
+        let l = crate::metrics::bind(addr).await?;
+        let m = Arc::new(crate::metrics::Metrics::new(Arc::clone(&counters)));
+        metrics_tasks.push(tokio::spawn(crate::metrics::observe_events(
+            Arc::clone(&m),
+            writer.stored.subscribe(),
+            store.clone(),
+            stop_rx.clone(),
+        )));
+        metrics_tasks.push(tokio::spawn(crate::metrics::serve(l, m, stop_rx.clone())));
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let policy_version = Arc::new(crate::policy::PolicyVersion::new(
+        cfg.policy_dir.as_deref(),
+        BUILT_IN_POLICY,
+    ));
     let intercept = Arc::new(Intercept {
         table,
         procs: Arc::new(ProcCache::default()),
@@ -377,6 +411,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         admin_gid: gid,
         exec_seq: AtomicU64::new(0),
         ca_bundle,
+        policy_version: Arc::clone(&policy_version),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let reaper_parent = exec_parent.clone();
@@ -404,13 +439,13 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
-                reload_policy(&cfg, &inspect.policy, "SIGHUP");
+                reload_policy(&cfg, &inspect.policy, &policy_version, "SIGHUP");
             }
             _ = poll.tick(), if stamp.is_some() => {
                 let now = cfg.policy_dir.as_deref().map(policy_stamp);
                 if now != stamp {
                     stamp = now;
-                    reload_policy(&cfg, &inspect.policy, "policy files changed");
+                    reload_policy(&cfg, &inspect.policy, &policy_version, "policy files changed");
                 }
             }
         }
@@ -433,6 +468,9 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     }
     let _ = admin_task.await;
     let _ = reaper.await;
+    for t in metrics_tasks {
+        let _ = t.await;
+    }
     // Connection tasks hold sink clones; give stopped ones a moment to record.
     let drain_deadline = Instant::now() + Duration::from_secs(2);
     while Arc::strong_count(&intercept) > 1 && Instant::now() < drain_deadline {

@@ -48,6 +48,8 @@ pub struct AdminState {
     pub exec_seq: AtomicU64,
     /// System roots plus the Guard CA, for `exec` children.
     pub ca_bundle: Option<PathBuf>,
+    /// Version, digest and load time of the policy in force.
+    pub policy_version: Arc<crate::policy::PolicyVersion>,
 }
 
 /// Errors setting up the admin socket.
@@ -301,6 +303,10 @@ fn status(state: &AdminState) -> Status {
         store_bytes: state.store.bytes(),
         store_size_on_disk: state.store.size_on_disk(),
         state_dir: c.state_dir.clone(),
+        policy: Some(state.policy_version.current()),
+        retention_max_age_secs: c.retention.max_age.as_secs(),
+        retention_max_bytes: c.retention.max_bytes,
+        metrics: c.metrics.map(|a| a.to_string()),
     }
 }
 

@@ -60,4 +60,15 @@ pub struct Status {
     pub store_bytes: u64,
     pub store_size_on_disk: u64,
     pub state_dir: PathBuf,
+    /// The policy in force: version, digest of its files, when loaded.
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyStamp>,
+    /// Retention of the event store.
+    #[serde(default)]
+    pub retention_max_age_secs: u64,
+    #[serde(default)]
+    pub retention_max_bytes: u64,
+    /// Where Prometheus metrics are served, if anywhere.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }

@@ -7,7 +7,9 @@
 mod ca;
 mod events;
 mod exec;
+mod install;
 mod policy;
+mod report;
 mod status;
 
 use std::path::PathBuf;
@@ -39,6 +41,12 @@ pub enum Command {
     Policy(policy::PolicyArgs),
     /// The local CA: export its certificate, add it to or remove it from the system trust store.
     Ca(ca::CaArgs),
+    /// Install Guard as a systemd service (unit, /etc/guard, group, CA) and start it.
+    Install(install::InstallArgs),
+    /// Stop and remove the service and what install wrote (the store stays unless --purge).
+    Uninstall(install::UninstallArgs),
+    /// Summarise a time window (a CI job): destinations, processes, blocked and masked.
+    Report(report::ReportArgs),
 }
 
 /// Where the state (store, admin socket) lives.
@@ -87,26 +95,28 @@ pub struct RunArgs {
     /// Do not terminate TLS: splice all TLS, recording the SNI.
     #[arg(long)]
     pub no_inspect_tls: bool,
-    /// Log as JSON lines (for journald and log shippers).
+    /// Log as JSON lines (for log shippers; under systemd the journal is used).
     #[arg(long)]
     pub log_json: bool,
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
+    /// Monitor every interactive login (user.slice).
+    #[arg(long)]
+    pub scope_interactive: bool,
+    /// Monitor only this user's processes (repeatable; narrows the uid filter).
+    #[arg(long = "user-name", value_name = "NAME")]
+    pub user_names: Vec<String>,
+    /// Monitor a systemd unit or slice and its children (repeatable), e.g. ci-runner.service.
+    #[arg(long = "unit", value_name = "NAME")]
+    pub units: Vec<String>,
+    /// Monitor every process on the host (the cgroup2 root).
+    #[arg(long)]
+    pub scope_host: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (loopback only).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_json);
+    crate::logging::init(args.log_json);
     let file = match &args.config {
         Some(p) => Some((p.as_path(), ConfigFile::load(p)?)),
         None => None,
@@ -123,6 +133,13 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         upstream_roots: args.upstream_roots,
         tls_passthrough: args.tls_passthrough,
         no_inspect_tls: args.no_inspect_tls,
+        scope: crate::scope::ScopeConfig {
+            interactive: args.scope_interactive,
+            users: args.user_names,
+            units: args.units,
+            host: args.scope_host,
+        },
+        metrics: args.metrics,
     };
     let cfg = AgentConfig::build(file, flags)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -140,6 +157,9 @@ pub fn main() -> i32 {
         Command::Exec(a) => exec::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Ca(a) => ca::run(a),
+        Command::Install(a) => install::run_install(a),
+        Command::Uninstall(a) => install::run_uninstall(a),
+        Command::Report(a) => report::run(a),
     };
     match res {
         Ok(code) => code,
