@@ -73,17 +73,17 @@ impl Collector for LiveCounters {
         for (name, help, v) in [
             (
                 "guard_connections_accepted",
-                "Redirected connections the agent accepted.",
+                "Redirected connections the agent accepted",
                 s.redirected,
             ),
             (
                 "guard_connection_errors",
-                "Connections that ended in an error (upstream refused, reset, ...).",
+                "Connections that ended in an error (upstream refused, reset, ...)",
                 s.errors,
             ),
             (
                 "guard_connections_unattributed",
-                "Accepted connections with no original destination (not redirected).",
+                "Accepted connections with no original destination (not redirected)",
                 s.unknown,
             ),
         ] {
@@ -93,7 +93,7 @@ impl Collector for LiveCounters {
         let g = ConstGauge::new(s.active as i64);
         g.encode(encoder.encode_descriptor(
             "guard_connections_active",
-            "Redirected connections open now.",
+            "Redirected connections open now",
             None,
             g.metric_type(),
         )?)?;
@@ -136,47 +136,47 @@ impl Metrics {
         let holds_pending = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "guard_connections",
-            "Redirected connections recorded (when they close), by verdict.",
+            "Redirected connections recorded (when they close), by verdict",
             connections.clone(),
         );
         registry.register(
             "guard_http_requests",
-            "HTTP requests recorded, by verdict.",
+            "HTTP requests recorded, by verdict",
             requests.clone(),
         );
         registry.register(
             "guard_findings",
-            "Detector findings, by detector and whether the value was masked.",
+            "Detector findings, by detector and whether the value was masked",
             findings.clone(),
         );
         registry.register(
             "guard_policy_decisions",
-            "Policy decisions, by rule and action.",
+            "Policy decisions, by rule and action",
             decisions.clone(),
         );
         registry.register(
             "guard_bytes",
-            "Bytes carried for redirected connections, by direction (out: to the destination).",
+            "Bytes carried for redirected connections, by direction (out: to the destination)",
             bytes.clone(),
         );
         registry.register(
             "guard_connection_duration_seconds",
-            "Lifetime of redirected connections.",
+            "Lifetime of redirected connections",
             connection_seconds.clone(),
         );
         registry.register(
             "guard_http_request_duration_seconds",
-            "HTTP request to the end of its response, through the agent.",
+            "HTTP request to the end of its response, through the agent",
             request_seconds.clone(),
         );
         registry.register(
             "guard_http_time_to_first_byte_seconds",
-            "HTTP request head to the first byte of the response head.",
+            "HTTP request head to the first byte of the response head",
             ttfb_seconds.clone(),
         );
         registry.register(
             "guard_holds_pending",
-            "Requests held for approval now.",
+            "Requests held for approval now",
             holds_pending.clone(),
         );
         registry.register_collector(Box::new(LiveCounters(counters)));
@@ -251,7 +251,10 @@ impl Metrics {
     }
 }
 
-/// Counts every event the writer stores until `stop`.
+/// Counts every event the writer stores until `stop`. After a lag (more
+/// than the broadcast buffer behind), events above the highest id seen are
+/// read back from the store; ones with lower ids stored meanwhile are lost
+/// to the counts (the store still has them).
 pub async fn observe_events(
     metrics: Arc<Metrics>,
     mut stored: broadcast::Receiver<Arc<Event>>,
@@ -262,11 +265,12 @@ pub async fn observe_events(
     loop {
         tokio::select! {
             msg = stored.recv() => match msg {
+                // Ids are reserved when a connection or request starts and
+                // stored when it ends: they arrive out of order, so every
+                // message counts; `last` only bounds the catch-up below.
                 Ok(e) => {
-                    if e.id > last {
-                        last = e.id;
-                        metrics.observe(&e);
-                    }
+                    last = last.max(e.id);
+                    metrics.observe(&e);
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let s = store.clone();

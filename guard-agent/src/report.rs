@@ -134,10 +134,21 @@ impl Summary {
         let mut dets: BTreeMap<String, DetectorRow> = BTreeMap::new();
         let mut sorted: Vec<&Event> = events.iter().collect();
         sorted.sort_by_key(|e| e.id);
+        // A plaintext connection learns its host from its requests' Host.
+        let mut conn_hosts: BTreeMap<u64, String> = BTreeMap::new();
+        for e in &sorted {
+            if let (EventKind::Http, Some(c), Some(h)) = (e.kind, e.conn_id, host_of(e)) {
+                conn_hosts.entry(c).or_insert(h);
+            }
+        }
         for e in sorted {
             let is_conn = e.kind == EventKind::Connection;
             let address = e.dst.clone().unwrap_or_else(|| "?".into());
-            let host = host_of(e);
+            let host = host_of(e).or_else(|| {
+                e.conn_id
+                    .filter(|_| is_conn)
+                    .and_then(|c| conn_hosts.get(&c).cloned())
+            });
             let d = dests
                 .entry((host.clone(), address.clone()))
                 .or_insert_with(|| DestinationRow {

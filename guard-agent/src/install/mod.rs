@@ -234,11 +234,13 @@ pub fn install(t: &Target, opts: &InstallOptions, out: &mut impl Write) -> anyho
     let unit = unit_for(&bin);
 
     if t.is_host() && !t.systemd {
+        // Comment lines, so that the whole output is still a valid unit file.
         writeln!(
             out,
-            "systemd is not running on this host (/run/systemd/system is missing, e.g. a container): \
-             nothing was installed. Run the agent under your own supervisor as the unit would:\n  \
-             {} run --config {CONFIG_FILE}\nThe unit, for reference:\n",
+            "# systemd is not running on this host (/run/systemd/system is missing, e.g. a\n\
+             # container): nothing was installed. Run the agent under your own supervisor\n\
+             # as the unit below would:\n\
+             #   {} run --config {CONFIG_FILE}\n#",
             bin.display()
         )?;
         write!(out, "{unit}")?;
@@ -267,17 +269,14 @@ pub fn install(t: &Target, opts: &InstallOptions, out: &mut impl Write) -> anyho
     }
 
     // 2. Configuration and policies (kept when present).
-    let conf = t.path(CONFIG_FILE);
-    if conf.exists() {
-        log.skip(format!("{} exists and is kept", conf.display()))?;
-    } else {
-        log.did(format!("write {} (0644)", conf.display()))?;
-        if !t.dry_run {
-            write_new(&conf, config_text.as_bytes(), 0o644)?;
-        }
-    }
-    for (name, text) in POLICY_FILES {
-        let p = t.path(POLICY_DIR).join(name);
+    let mut written: Vec<(String, Vec<u8>)> = Vec::new();
+    let files = std::iter::once((CONFIG_FILE.to_owned(), config_text.as_str())).chain(
+        POLICY_FILES
+            .iter()
+            .map(|(name, text)| (format!("{POLICY_DIR}/{name}"), *text)),
+    );
+    for (host_path, text) in files {
+        let p = t.path(&host_path);
         if p.exists() {
             log.skip(format!("{} exists and is kept", p.display()))?;
             continue;
@@ -285,7 +284,11 @@ pub fn install(t: &Target, opts: &InstallOptions, out: &mut impl Write) -> anyho
         log.did(format!("write {} (0644)", p.display()))?;
         if !t.dry_run {
             write_new(&p, text.as_bytes(), 0o644)?;
+            written.push((host_path, text.as_bytes().to_vec()));
         }
+    }
+    if !t.dry_run {
+        record_in_manifest(t, &written)?;
     }
 
     // 3. The unit.
@@ -353,17 +356,54 @@ pub fn install(t: &Target, opts: &InstallOptions, out: &mut impl Write) -> anyho
     Ok(())
 }
 
-/// Removes a file we installed if it still holds what we wrote (or when
-/// `purge`); says what it did.
+/// Where install records the SHA-256 of each configuration and policy file
+/// it wrote (`sha256sum` format), so uninstall removes only unchanged ones.
+pub const MANIFEST: &str = "/etc/guard/install-manifest";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The manifest's entries: host path → SHA-256.
+fn read_manifest(t: &Target) -> std::collections::BTreeMap<String, String> {
+    fs::read_to_string(t.path(MANIFEST))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (sum, path) = l.split_once("  ")?;
+            Some((path.to_owned(), sum.to_owned()))
+        })
+        .collect()
+}
+
+/// Adds `written` (host path, contents) to the manifest.
+fn record_in_manifest(t: &Target, written: &[(String, Vec<u8>)]) -> io::Result<()> {
+    let mut m = read_manifest(t);
+    for (path, bytes) in written {
+        m.insert(path.clone(), sha256_hex(bytes));
+    }
+    let text: String = m
+        .iter()
+        .map(|(path, sum)| format!("{sum}  {path}\n"))
+        .collect();
+    write_replace(&t.path(MANIFEST), text.as_bytes(), 0o644)
+}
+
+/// Removes a file we installed if it still holds what we wrote (by the
+/// manifest, else the built-in `ours`), or when `purge`; says what it did.
 fn remove_ours(
     log: &mut Log<'_, impl Write>,
     path: &Path,
-    ours: &str,
+    expected_sha256: &str,
     purge: bool,
 ) -> anyhow::Result<()> {
-    match fs::read_to_string(path) {
+    match fs::read(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Ok(text) if text != ours && !purge => {
+        Ok(bytes) if sha256_hex(&bytes) != expected_sha256 && !purge => {
             log.skip(format!(
                 "{} was changed since install and is kept (--purge removes it)",
                 path.display()
@@ -451,12 +491,33 @@ pub fn uninstall(t: &Target, purge: bool, out: &mut impl Write) -> anyhow::Resul
         }
     }
 
+    let manifest = read_manifest(t);
+    let expected = |host_path: &str, built_in: &str| {
+        manifest
+            .get(host_path)
+            .cloned()
+            .unwrap_or_else(|| sha256_hex(built_in.as_bytes()))
+    };
     for (name, text) in POLICY_FILES {
-        remove_ours(&mut log, &t.path(POLICY_DIR).join(name), text, purge)?;
+        let host_path = format!("{POLICY_DIR}/{name}");
+        let sum = expected(&host_path, text);
+        remove_ours(&mut log, &t.path(&host_path), &sum, purge)?;
     }
     remove_dir(&mut log, &t.path(POLICY_DIR).join("examples"), purge)?;
     remove_dir(&mut log, &t.path(POLICY_DIR), purge)?;
-    remove_ours(&mut log, &conf, DEFAULT_CONFIG, purge)?;
+    remove_ours(
+        &mut log,
+        &conf,
+        &expected(CONFIG_FILE, DEFAULT_CONFIG),
+        purge,
+    )?;
+    let manifest_path = t.path(MANIFEST);
+    if manifest_path.exists() {
+        log.did(format!("remove {}", manifest_path.display()))?;
+        if !t.dry_run {
+            fs::remove_file(&manifest_path)?;
+        }
+    }
     remove_dir(&mut log, &t.path(CONFIG_DIR), purge)?;
 
     let bin = t.path(INSTALLED_BINARY);
