@@ -447,6 +447,44 @@ mod tests {
     }
 
     #[test]
+    fn a_scope_alone_is_enough_and_flags_add_to_it() {
+        let p = Path::new("a.ron");
+        let f = ConfigFile::parse(p, r#"(scope: (units: ["ci-runner.service"]))"#).unwrap();
+        let flags = ConfigFlags {
+            scope: crate::scope::ScopeConfig {
+                interactive: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = AgentConfig::build(Some((p, f)), flags).unwrap();
+        assert_eq!(c.scope.units, vec!["ci-runner.service"]);
+        assert!(c.scope.interactive);
+        let e = parse(r#"(scope: (unitz: ["x"]))"#).unwrap_err().to_string();
+        assert!(e.contains("unitz"), "{e}");
+    }
+
+    #[test]
+    fn metrics_are_loopback_only_unless_the_file_says_otherwise() {
+        let c = parse(r#"(cgroups: ["/a"], metrics: "127.0.0.1:9115")"#).unwrap();
+        assert_eq!(c.metrics.unwrap().port(), 9115);
+        let e = parse(r#"(cgroups: ["/a"], metrics: "0.0.0.0:9115")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics") && e.contains("metrics_non_loopback"),
+            "{e}"
+        );
+        let c = parse(r#"(cgroups: ["/a"], metrics: "0.0.0.0:9115", metrics_non_loopback: true)"#)
+            .unwrap();
+        assert!(c.metrics.is_some());
+        let e = parse(r#"(cgroups: ["/a"], metrics: "9115")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an address"), "{e}");
+    }
+
+    #[test]
     fn a_non_loopback_listener_is_refused() {
         let e = parse(r#"(cgroups: ["/a"], listen: ["0.0.0.0:15001"])"#)
             .unwrap_err()

@@ -19,13 +19,18 @@ fn stderr_is_journal() -> bool {
     let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };
-    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
-        return false;
-    };
     let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
         return false;
     };
-    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+    v.to_str()
+        .is_some_and(|v| names_stream(v, meta.dev(), meta.ino()))
+}
+
+/// Whether a `JOURNAL_STREAM` value (`DEVICE:INODE`) names this stream.
+fn names_stream(value: &str, dev: u64, ino: u64) -> bool {
+    value
+        .split_once(':')
+        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
 }
 
 /// Installs the global subscriber. `json` asks for JSON lines on stderr;
@@ -50,5 +55,17 @@ pub fn init(json: bool) {
         b.json().init();
     } else {
         b.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_must_name_stderr() {
+        assert!(names_stream("8:12345", 8, 12345));
+        assert!(!names_stream("8:12345", 8, 99));
+        assert!(!names_stream("garbage", 8, 12345));
     }
 }

@@ -34,7 +34,8 @@ pub struct ScopeConfig {
     /// User names whose processes are monitored (narrows the uid filter).
     pub users: Vec<String>,
     /// systemd units or slices (`ci-runner.service`, `machine.slice`); a
-    /// name without a known suffix means `NAME.service`.
+    /// name without a known suffix means `NAME.service`; `*` matches any
+    /// characters (`actions.runner.*.service`), among units running at start.
     pub units: Vec<String>,
     /// The whole host: the cgroup2 root (every process, every container).
     pub host: bool,
@@ -109,10 +110,15 @@ pub fn unit_name(name: &str) -> Result<String, ScopeError> {
     }
 }
 
-/// Finds every directory named `unit` below `mount` (not following
-/// symlinks). Several units of one name can exist (a system service and a
-/// user service); all of them are returned.
+/// Finds every directory named `unit` (a glob when it holds `*`) below
+/// `mount`, not following symlinks. Several units of one name can exist (a
+/// system service and a user service); all of them are returned.
 pub fn find_unit_cgroups(mount: &Path, unit: &str) -> Result<Vec<PathBuf>, ScopeError> {
+    let glob = globset::GlobBuilder::new(unit)
+        .literal_separator(true)
+        .build()
+        .map_err(|_| ScopeError::BadUnitName(unit.to_owned()))?
+        .compile_matcher();
     let mut found = Vec::new();
     let mut stack = vec![mount.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -128,7 +134,7 @@ pub fn find_unit_cgroups(mount: &Path, unit: &str) -> Result<Vec<PathBuf>, Scope
                 continue;
             }
             let p = e.path();
-            if e.file_name().to_str() == Some(unit) {
+            if e.file_name().to_str().is_some_and(|n| glob.is_match(n)) {
                 found.push(p);
             } else {
                 stack.push(p);
@@ -282,6 +288,30 @@ mod tests {
         assert!(e.contains("is it running"), "{e}");
         let e = unit_name("../etc").unwrap_err().to_string();
         assert!(e.contains("not a unit name"), "{e}");
+    }
+
+    #[test]
+    fn a_unit_glob_matches_runner_services() {
+        let t = fake_tree();
+        std::fs::create_dir_all(
+            t.path()
+                .join("system.slice/actions.runner.org-repo.r1.service"),
+        )
+        .unwrap();
+        let r = resolve(
+            t.path(),
+            &ScopeConfig {
+                units: vec!["actions.runner.*.service".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            r.cgroups,
+            vec![t
+                .path()
+                .join("system.slice/actions.runner.org-repo.r1.service")]
+        );
     }
 
     #[test]
