@@ -251,7 +251,7 @@ impl Summary {
             (b.blocked, b.connections + b.requests).cmp(&(a.blocked, a.connections + a.requests))
         });
         s.findings = dets.into_values().collect();
-        s.findings.sort_by(|a, b| b.findings.cmp(&a.findings));
+        s.findings.sort_by_key(|f| std::cmp::Reverse(f.findings));
         s
     }
 
