@@ -717,6 +717,35 @@ mod tests {
     }
 
     #[test]
+    fn without_systemd_the_host_is_left_alone_and_the_unit_printed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = Target {
+            root: PathBuf::from("/"),
+            dry_run: false,
+            systemd: false,
+        };
+        let mut out = Vec::new();
+        install(
+            &t,
+            &InstallOptions {
+                config: None,
+                binary: fake_binary(tmp.path()),
+            },
+            &mut out,
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("# systemd is not running"), "{out}");
+        assert!(out.contains("nothing was installed"), "{out}");
+        // The whole output is the unit, the explanation as comments.
+        let unit = unit_for(Path::new(INSTALLED_BINARY));
+        assert!(out.ends_with(&unit), "{out}");
+        assert!(out[..out.len() - unit.len()]
+            .lines()
+            .all(|l| l.starts_with('#')));
+    }
+
+    #[test]
     fn dry_run_changes_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("root");
