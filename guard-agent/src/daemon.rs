@@ -302,7 +302,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     }
     let mount = cgroup::cgroup2_mount()?;
     // Named scopes (units, user.slice, users, the host) become cgroups and uids.
-    let scope = crate::scope::resolve(&mount, &cfg.scope)?;
+    let scope = crate::scope::resolve(&mount, &cfg.scope, !cfg.cgroups.is_empty())?;
     cfg.cgroups.extend(scope.cgroups);
     cfg.cgroups = crate::scope::outermost(std::mem::take(&mut cfg.cgroups));
     cfg.uids.extend(scope.uids);
@@ -346,6 +346,10 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         Some(a) => Some(bind(a).await?),
         None => None,
     };
+    let metrics_listener = match cfg.metrics {
+        Some(a) => Some(crate::metrics::bind(a).await?),
+        None => None,
+    };
 
     let (inspect, ca_bundle) = inspection(&cfg, &state_dir)?;
     let inspect = Arc::new(inspect);
@@ -365,8 +369,8 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut metrics_tasks = Vec::new();
-    if let Some(addr) = cfg.metrics {
-        let l = crate::metrics::bind(addr).await?;
+    if let Some(l) = metrics_listener {
+        let addr = l.local_addr().ok();
         let m = Arc::new(crate::metrics::Metrics::new(Arc::clone(&counters)));
         metrics_tasks.push(tokio::spawn(crate::metrics::observe_events(
             Arc::clone(&m),
@@ -375,7 +379,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             stop_rx.clone(),
         )));
         metrics_tasks.push(tokio::spawn(crate::metrics::serve(l, m, stop_rx.clone())));
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        tracing::info!(addr = ?addr, "serving Prometheus metrics at /metrics");
     }
     let policy_version = Arc::new(crate::policy::PolicyVersion::new(
         cfg.policy_dir.as_deref(),

@@ -4,7 +4,7 @@
 //! | scope | config / flag | resolves to |
 //! |---|---|---|
 //! | all interactive users | `scope: (interactive: true)`, `--scope-interactive` | `<cgroup2>/user.slice` |
-//! | named users | `scope: (users: ["alice"])`, `--user-name alice` | their uids, added to the uid filter |
+//! | named users | `scope: (users: ["alice"])`, `--user-name alice` | their uids, added to the uid filter; alone, with `user.slice` (their sessions) |
 //! | systemd units and slices | `scope: (units: ["ci-runner.service"])`, `--unit NAME` | the unit's cgroup, found by walking the cgroup2 mount |
 //! | a CI runner and its children | the runner's unit, as above | children live below the unit's cgroup and inherit |
 //! | the whole host | `scope: (host: true)`, `--scope-host` | the cgroup2 root |
@@ -154,12 +154,21 @@ fn uid_of(name: &str) -> Result<u32, ScopeError> {
 }
 
 /// Resolves named scopes against the cgroup2 hierarchy mounted at `mount`.
-pub fn resolve(mount: &Path, scope: &ScopeConfig) -> Result<ResolvedScope, ScopeError> {
+/// `other_cgroups`: whether cgroups are also given by path; named users
+/// with nothing else to narrow mean those users' login sessions
+/// (`user.slice`).
+pub fn resolve(
+    mount: &Path,
+    scope: &ScopeConfig,
+    other_cgroups: bool,
+) -> Result<ResolvedScope, ScopeError> {
     let mut cgroups = Vec::new();
     if scope.host {
         cgroups.push(mount.to_path_buf());
     }
-    if scope.interactive {
+    let users_alone =
+        !scope.users.is_empty() && !scope.host && scope.units.is_empty() && !other_cgroups;
+    if scope.interactive || users_alone {
         let p = mount.join("user.slice");
         if !p.is_dir() {
             return Err(ScopeError::NoUserSlice { path: p });
@@ -226,6 +235,7 @@ mod tests {
                 interactive: true,
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
         assert_eq!(r.cgroups, vec![t.path().join("user.slice")]);
@@ -241,6 +251,7 @@ mod tests {
                 units: vec!["sshd".into(), "machine.slice".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -261,6 +272,7 @@ mod tests {
                 units: vec!["ci-runner.service".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
         assert_eq!(r.cgroups.len(), 2, "{:?}", r.cgroups);
@@ -281,6 +293,7 @@ mod tests {
                 units: vec!["nope.service".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap_err()
         .to_string();
@@ -304,6 +317,7 @@ mod tests {
                 units: vec!["actions.runner.*.service".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -323,6 +337,7 @@ mod tests {
                 interactive: true,
                 ..Default::default()
             },
+            false,
         )
         .unwrap_err()
         .to_string();
@@ -338,15 +353,19 @@ mod tests {
                 users: vec!["root".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
         assert_eq!(r.uids, vec![0]);
+        // Users alone: their login sessions.
+        assert_eq!(r.cgroups, vec![t.path().join("user.slice")]);
         let e = resolve(
             t.path(),
             &ScopeConfig {
                 users: vec!["no-such-user-guard".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap_err()
         .to_string();
@@ -364,6 +383,7 @@ mod tests {
                 units: vec!["sshd.service".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
         assert_eq!(r.cgroups, vec![t.path().to_path_buf()]);
