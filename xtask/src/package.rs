@@ -2,7 +2,7 @@
 //!
 //! The unit and the default configuration come from the release binary
 //! itself (`guard-agent install --print-unit --binary /usr/bin/guard-agent`
-//! and `--print-config`), written to `target/package/` and picked up by the
+//! and `--print-config`), written to `target/release/deb-assets/` and picked up by the
 //! assets in `guard-agent/Cargo.toml` (`[package.metadata.deb]`): the text
 //! lives in one place, `guard-agent/src/install/`. Not part of `ci`: it
 //! needs `cargo install cargo-deb --locked` first.
@@ -42,7 +42,9 @@ pub fn run_package() -> anyhow::Result<()> {
     }
     run(cargo().args(["build", "--release", "--package", "guard-agent", "--bins"]))?;
     let bin = root().join("target/release/guard-agent");
-    let dir = root().join("target/package");
+    // Generated assets live below target/release/ where cargo-deb looks for
+    // built files; the .deb goes to target/package/.
+    let dir = root().join("target/release/deb-assets");
     std::fs::create_dir_all(&dir)?;
     let unit = output_of(Command::new(&bin).args([
         "install",
@@ -58,9 +60,13 @@ pub fn run_package() -> anyhow::Result<()> {
         "--package",
         "guard-agent",
         "--no-build",
+        "--strip",
         "--output",
         "target/package/",
     ]))?;
-    println!("packaged: the .deb is in {}", dir.display());
+    println!(
+        "packaged: the .deb is in {}",
+        root().join("target/package").display()
+    );
     Ok(())
 }
