@@ -6,7 +6,8 @@
 //! allowlist) runs, and `report`, `--fail-on-block`, `status` and the
 //! Prometheus endpoint are checked against what happened. Named scopes:
 //! `--unit` finds a unit-shaped cgroup the test made (its children are
-//! covered), and an unknown unit stops the start with a clear error.
+//! covered), and an unknown unit stops the start with a clear error. The
+//! generated unit passes `systemd-analyze verify`.
 //!
 //! Attaches only to cgroups below `<cgroup2>/guard-test/`; traffic only to
 //! 127.0.0.0/8.
@@ -452,4 +453,32 @@ fn an_unknown_unit_stops_the_start_with_a_clear_error() {
         "{err}"
     );
     assert!(!parent.path.join("exec").exists(), "nothing was set up");
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    assert!(
+        analyze.exists(),
+        "systemd-analyze is needed to check the unit (apt-get install systemd)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("guard-agent.service");
+    let unit_text = run_ok(
+        Command::new(agent_bin())
+            .args(["install", "--print-unit", "--binary"])
+            .arg(agent_bin()),
+    )
+    .stdout;
+    std::fs::write(&unit, &unit_text).unwrap();
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        text(&out)
+    );
 }

@@ -110,7 +110,6 @@ pub fn unit_file(p: &UnitParams<'_>) -> String {
          # (override with `systemctl edit guard-agent`).\n\
          [Unit]\n\
          Description=Guard egress monitor: intercepts, inspects and records outbound connections\n\
-         Documentation=man:guard-agent(8)\n\
          After=network.target\n\
          \n\
          [Service]\n\
