@@ -596,6 +596,38 @@ mod tests {
             .copied()
             .collect();
         crate::policy::load_sources(&sources).unwrap();
+        // Each example is valid on its own (operators copy one up).
+        for (name, text) in POLICY_FILES {
+            if name.starts_with("examples/") {
+                crate::policy::load_sources(&[(name, text)])
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_ci_example_is_a_strict_allowlist() {
+        use crate::policy::{RequestFacts, Verdict};
+        let (name, text) = POLICY_FILES
+            .iter()
+            .find(|(n, _)| *n == "examples/ci-strict-allowlist.ron")
+            .unwrap();
+        let p = crate::policy::load_sources(&[(name, text)]).unwrap();
+        let facts = |host: &str| RequestFacts {
+            dest_host: Some(host.into()),
+            dest_ip: Some("192.0.2.10".parse().unwrap()),
+            dest_port: Some(443),
+            method: Some("GET".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            p.decide(&facts("registry.npmjs.org")).action,
+            Verdict::Allow
+        ));
+        assert!(matches!(
+            p.decide(&facts("paste.example")).action,
+            Verdict::Block { .. }
+        ));
     }
 
     #[test]
