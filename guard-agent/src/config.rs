@@ -53,6 +53,12 @@ pub struct ConfigFile {
     pub notify_webhook: Option<String>,
     /// Secrets for credential injection (RON, root-owned, mode 0600).
     pub secrets_file: Option<PathBuf>,
+    /// Named scopes (users, units, slices, the whole host): see `scope.rs`.
+    pub scope: Option<crate::scope::ScopeConfig>,
+    /// Prometheus metrics endpoint, e.g. "127.0.0.1:9115" (off by default).
+    pub metrics: Option<String>,
+    /// Allow a metrics address that is not loopback.
+    pub metrics_non_loopback: Option<bool>,
 }
 
 /// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
@@ -84,6 +90,8 @@ pub struct ConfigFlags {
     pub notify_command: Option<String>,
     pub notify_webhook: Option<String>,
     pub secrets_file: Option<PathBuf>,
+    pub scope: crate::scope::ScopeConfig,
+    pub metrics: Option<String>,
 }
 
 /// How long and how much the event store keeps.
@@ -138,6 +146,10 @@ pub struct AgentConfig {
     /// Webhook for each new hold.
     pub notify_webhook: Option<http::Uri>,
     pub secrets_file: Option<PathBuf>,
+    /// Named scopes, resolved into `cgroups` and `uids` at start-up.
+    pub scope: crate::scope::ScopeConfig,
+    /// Where to serve Prometheus metrics (None: not served).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A configuration problem, with where it is.
@@ -290,11 +302,12 @@ impl AgentConfig {
             flags.cgroups
         };
         let exec_cgroup = flags.exec_cgroup.or(file.exec_cgroup);
-        if cgroups.is_empty() && exec_cgroup.is_none() {
+        let scope = file.scope.unwrap_or_default().merged(flags.scope);
+        if cgroups.is_empty() && exec_cgroup.is_none() && scope.is_empty() {
             return Err(field_err(
                 &origin,
                 "cgroups",
-                "no cgroup to monitor: give at least one (--cgroup PATH, or `cgroups: [\"/sys/fs/cgroup/user.slice\"]`) or an exec_cgroup",
+                "no cgroup to monitor: give at least one (--cgroup PATH, or `cgroups: [\"/sys/fs/cgroup/user.slice\"]`), a scope (--scope-interactive, --unit NAME, `scope: (interactive: true)`) or an exec_cgroup",
             ));
         }
         for (i, c) in cgroups.iter().enumerate() {
@@ -394,11 +407,33 @@ impl AgentConfig {
                 Some(uri)
             }
         };
+        let metrics = match flags.metrics.or(file.metrics) {
+            None => None,
+            Some(m) => {
+                let addr: SocketAddr = m.parse().map_err(|_| {
+                    field_err(
+                        &origin,
+                        "metrics",
+                        format!("`{m}` is not an address with a port (e.g. 127.0.0.1:9115)"),
+                    )
+                })?;
+                if !addr.ip().is_loopback() && !file.metrics_non_loopback.unwrap_or(false) {
+                    return Err(field_err(
+                        &origin,
+                        "metrics",
+                        format!("`{m}` is not a loopback address; metrics are served on loopback only unless the config file sets `metrics_non_loopback: true`"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         Ok(Self {
             approver_group,
             notify_command,
             notify_webhook,
             secrets_file: flags.secrets_file.or(file.secrets_file),
+            scope,
+            metrics,
             policy_dir: flags.policy_dir.or(file.policy_dir),
             upstream_roots,
             tls_passthrough,
@@ -501,6 +536,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("notify_webhook"), "{e}");
+    }
+
+    #[test]
+    fn a_scope_alone_is_enough_and_flags_add_to_it() {
+        let p = Path::new("a.ron");
+        let f = ConfigFile::parse(p, r#"(scope: (units: ["ci-runner.service"]))"#).unwrap();
+        let flags = ConfigFlags {
+            scope: crate::scope::ScopeConfig {
+                interactive: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = AgentConfig::build(Some((p, f)), flags).unwrap();
+        assert_eq!(c.scope.units, vec!["ci-runner.service"]);
+        assert!(c.scope.interactive);
+        let e = parse(r#"(scope: (unitz: ["x"]))"#).unwrap_err().to_string();
+        assert!(e.contains("unitz"), "{e}");
+    }
+
+    #[test]
+    fn metrics_are_loopback_only_unless_the_file_says_otherwise() {
+        let c = parse(r#"(cgroups: ["/a"], metrics: "127.0.0.1:9115")"#).unwrap();
+        assert_eq!(c.metrics.unwrap().port(), 9115);
+        let e = parse(r#"(cgroups: ["/a"], metrics: "0.0.0.0:9115")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics") && e.contains("metrics_non_loopback"),
+            "{e}"
+        );
+        let c = parse(r#"(cgroups: ["/a"], metrics: "0.0.0.0:9115", metrics_non_loopback: true)"#)
+            .unwrap();
+        assert!(c.metrics.is_some());
+        let e = parse(r#"(cgroups: ["/a"], metrics: "9115")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an address"), "{e}");
     }
 
     #[test]

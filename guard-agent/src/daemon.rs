@@ -82,6 +82,10 @@ pub enum StartError {
     Dlp(#[from] crate::dlp::DlpError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Scope(#[from] crate::scope::ScopeError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// The policy used when no policy directory is configured.
@@ -253,13 +257,20 @@ fn admin_gid(name: &str) -> Option<u32> {
 /// Reloads the policy directory; a bad file keeps the last good policy.
 /// `why` says what triggered it (SIGHUP, a file change). The outcome is
 /// recorded as a `policy_reload` event.
-async fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, sink: &EventSink, why: &str) {
+async fn reload_policy(
+    cfg: &AgentConfig,
+    store: &PolicyStore,
+    stamp: &crate::policy::PolicyVersion,
+    sink: &EventSink,
+    why: &str,
+) {
     let Some(dir) = &cfg.policy_dir else {
         tracing::info!("{why}: no policy directory configured; the built-in policy stays");
         return;
     };
     let (action, detail) = match store.reload(dir) {
         Ok(v) => {
+            stamp.reloaded(v, dir);
             tracing::info!(version = v, "{why}: policy reloaded");
             (
                 "policy_reload",
@@ -319,6 +330,11 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         return Err(StartError::NotRoot);
     }
     let mount = cgroup::cgroup2_mount()?;
+    // Named scopes (units, user.slice, users, the host) become cgroups and uids.
+    let scope = crate::scope::resolve(&mount, &cfg.scope, !cfg.cgroups.is_empty())?;
+    cfg.cgroups.extend(scope.cgroups);
+    cfg.cgroups = crate::scope::outermost(std::mem::take(&mut cfg.cgroups));
+    cfg.uids.extend(scope.uids);
     for c in &cfg.cgroups {
         if !c.exists() {
             return Err(StartError::MissingCgroup(c.clone()));
@@ -357,6 +373,10 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     };
     let v6 = match cfg.listen_v6 {
         Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let metrics_listener = match cfg.metrics {
+        Some(a) => Some(crate::metrics::bind(a).await?),
         None => None,
     };
 
@@ -437,6 +457,25 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             rates: Default::default(),
         })
     });
+    let mut metrics_tasks = Vec::new();
+    if let Some(l) = metrics_listener {
+        let addr = l.local_addr().ok();
+        let m = Arc::new(crate::metrics::Metrics::new(Arc::clone(&counters)));
+        let held = Arc::clone(&approvals);
+        m.count_pending_holds_with(move || held.pending().len());
+        metrics_tasks.push(tokio::spawn(crate::metrics::observe_events(
+            Arc::clone(&m),
+            writer.stored.subscribe(),
+            store.clone(),
+            stop_rx.clone(),
+        )));
+        metrics_tasks.push(tokio::spawn(crate::metrics::serve(l, m, stop_rx.clone())));
+        tracing::info!(addr = ?addr, "serving Prometheus metrics at /metrics");
+    }
+    let policy_version = Arc::new(crate::policy::PolicyVersion::new(
+        cfg.policy_dir.as_deref(),
+        BUILT_IN_POLICY,
+    ));
     let intercept = Arc::new(Intercept {
         table,
         dns: resolver.clone(),
@@ -485,6 +524,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         resolver: (!dns_addrs.is_empty()).then_some(resolver_health),
         approver_gid: admin_gid(&cfg.approver_group),
         approvals: Arc::clone(&approvals),
+        policy_version: Arc::clone(&policy_version),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let reaper_parent = exec_parent.clone();
@@ -512,13 +552,13 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
-                reload_policy(&cfg, &inspect.policy, &writer.sink, "SIGHUP").await;
+                reload_policy(&cfg, &inspect.policy, &policy_version, &writer.sink, "SIGHUP").await;
             }
             _ = poll.tick(), if stamp.is_some() => {
                 let now = cfg.policy_dir.as_deref().map(policy_stamp);
                 if now != stamp {
                     stamp = now;
-                    reload_policy(&cfg, &inspect.policy, &writer.sink, "policy files changed").await;
+                    reload_policy(&cfg, &inspect.policy, &policy_version, &writer.sink, "policy files changed").await;
                 }
             }
         }
@@ -541,6 +581,9 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     }
     let _ = admin_task.await;
     let _ = reaper.await;
+    for t in metrics_tasks {
+        let _ = t.await;
+    }
     // Connection tasks hold sink clones; give stopped ones a moment to record.
     let drain_deadline = Instant::now() + Duration::from_secs(2);
     while Arc::strong_count(&intercept) > 1 && Instant::now() < drain_deadline {

@@ -10,11 +10,13 @@
 //! - `demo`: the end-to-end demonstration in the README.
 //! - `bench`: direct vs through Guard (L4), and direct vs Guard vs mitmproxy
 //!   (HTTPS), in one run; prints a report.
+//! - `package`: a .deb (cargo-deb) with the binary, unit, config, policies.
 
 mod bench;
 mod bench_https;
 mod demo;
 mod ebpf;
+mod package;
 
 use std::{
     path::{Path, PathBuf},
@@ -49,6 +51,8 @@ enum Task {
     Demo,
     /// Benchmark direct vs through Guard and print a report (as root).
     Bench(bench::BenchArgs),
+    /// Build a .deb of the agent (needs `cargo install cargo-deb --locked`).
+    Package,
     /// The bench's client workload (spawned by `bench`, prints JSON).
     #[command(hide = true)]
     BenchClient(bench::ClientArgs),
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
         Task::Demo => require_root("the demo").and_then(|_| demo::run()),
         Task::Bench(a) => require_root("the benchmark").and_then(|_| bench::run(a)),
         Task::BenchClient(a) => bench::client(a),
+        Task::Package => package::run_package(),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,6 +59,8 @@ pub struct AdminState {
     /// Group id allowed to decide holds and read events besides root.
     pub approver_gid: Option<u32>,
     pub approvals: Arc<Approvals>,
+    /// Version, digest and load time of the policy in force.
+    pub policy_version: Arc<crate::policy::PolicyVersion>,
 }
 
 /// Errors setting up the admin socket.
@@ -379,6 +381,10 @@ fn status(state: &AdminState) -> Status {
         store_size_on_disk: state.store.size_on_disk(),
         state_dir: c.state_dir.clone(),
         resolver: state.resolver.as_ref().map(|r| r.snapshot()),
+        policy: Some(state.policy_version.current()),
+        retention_max_age_secs: c.retention.max_age.as_secs(),
+        retention_max_bytes: c.retention.max_bytes,
+        metrics: c.metrics.map(|a| a.to_string()),
     }
 }
 

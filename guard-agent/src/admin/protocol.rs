@@ -104,4 +104,15 @@ pub struct Status {
     /// when DNS is turned off.
     #[serde(default)]
     pub resolver: Option<crate::dns::ResolverStatus>,
+    /// The policy in force: version, digest of its files, when loaded.
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyStamp>,
+    /// Retention of the event store.
+    #[serde(default)]
+    pub retention_max_age_secs: u64,
+    #[serde(default)]
+    pub retention_max_bytes: u64,
+    /// Where Prometheus metrics are served, if anywhere.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }

@@ -360,7 +360,9 @@ pub fn render(out: &mut impl Write, e: &Event, requests: &[Event]) -> io::Result
                     "* action: {} by {} (uid {})",
                     a.action,
                     a.by_user.as_deref().unwrap_or("?"),
-                    a.by_uid.map(|u| u.to_string()).unwrap_or_else(|| "?".into())
+                    a.by_uid
+                        .map(|u| u.to_string())
+                        .unwrap_or_else(|| "?".into())
                 )?;
                 for (label, v) in [
                     ("hold", a.hold_id.map(|v| v.to_string())),

@@ -12,7 +12,9 @@ mod events_export;
 mod events_show;
 mod exec;
 mod har;
+mod install;
 mod policy;
+mod report;
 mod status;
 
 use std::path::PathBuf;
@@ -52,6 +54,12 @@ pub enum Command {
     Deny(approvals::DenyArgs),
     /// End a scoped approval (grant) before it expires.
     Revoke(approvals::RevokeArgs),
+    /// Install Guard as a systemd service (unit, /etc/guard, group, CA) and start it.
+    Install(install::InstallArgs),
+    /// Stop and remove the service and what install wrote (the store stays unless --purge).
+    Uninstall(install::UninstallArgs),
+    /// Summarise a time window (a CI job): destinations, processes, blocked and masked.
+    Report(report::ReportArgs),
 }
 
 /// Where the state (store, admin socket) lives.
@@ -116,9 +124,24 @@ pub struct RunArgs {
     /// Secrets for credential injection (RON, root-owned, mode 0600).
     #[arg(long, value_name = "FILE")]
     pub secrets_file: Option<PathBuf>,
-    /// Log as JSON lines (for journald and log shippers).
+    /// Log as JSON lines (for log shippers; under systemd the journal is used).
     #[arg(long)]
     pub log_json: bool,
+    /// Monitor every interactive login (user.slice).
+    #[arg(long)]
+    pub scope_interactive: bool,
+    /// Monitor only this user's processes (repeatable; narrows the uid filter).
+    #[arg(long = "user-name", value_name = "NAME")]
+    pub user_names: Vec<String>,
+    /// Monitor a systemd unit or slice and its children (repeatable), e.g. ci-runner.service.
+    #[arg(long = "unit", value_name = "NAME")]
+    pub units: Vec<String>,
+    /// Monitor every process on the host (the cgroup2 root).
+    #[arg(long)]
+    pub scope_host: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (loopback only).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Resolver to forward DNS to, `IP` or `IP:PORT` (repeatable; default:
     /// the nameservers of /etc/resolv.conf).
     #[arg(long = "dns-upstream", value_name = "ADDR")]
@@ -132,21 +155,8 @@ pub struct RunArgs {
     pub no_dns: bool,
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_json);
+    crate::logging::init(args.log_json);
     let file = match &args.config {
         Some(p) => Some((p.as_path(), ConfigFile::load(p)?)),
         None => None,
@@ -173,6 +183,13 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         notify_command: args.notify_command,
         notify_webhook: args.notify_webhook,
         secrets_file: args.secrets_file,
+        scope: crate::scope::ScopeConfig {
+            interactive: args.scope_interactive,
+            users: args.user_names,
+            units: args.units,
+            host: args.scope_host,
+        },
+        metrics: args.metrics,
     };
     let cfg = AgentConfig::build(file, flags)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -194,6 +211,9 @@ pub fn main() -> i32 {
         Command::Approve(a) => approvals::approve(a).map(|_| 0),
         Command::Deny(a) => approvals::deny(a).map(|_| 0),
         Command::Revoke(a) => approvals::revoke(a).map(|_| 0),
+        Command::Install(a) => install::run_install(a),
+        Command::Uninstall(a) => install::run_uninstall(a),
+        Command::Report(a) => report::run(a),
     };
     match res {
         Ok(code) => code,

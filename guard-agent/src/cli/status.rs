@@ -98,5 +98,24 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.store_size_on_disk,
         s.state_dir.display()
     );
+    println!(
+        "retention:   {} or {} bytes, whichever comes first",
+        humantime::format_duration(std::time::Duration::from_secs(s.retention_max_age_secs)),
+        s.retention_max_bytes
+    );
+    if let Some(p) = &s.policy {
+        println!(
+            "policy:      version {} ({}), sha256 {}, loaded {}",
+            p.version,
+            p.source,
+            &p.sha256[..p.sha256.len().min(16)],
+            p.loaded_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        );
+    }
+    if let Some(m) = &s.metrics {
+        println!("metrics:     http://{m}/metrics");
+    }
     Ok(())
 }

@@ -54,6 +54,7 @@ mod detectors;
 mod explain;
 mod load;
 pub mod schema;
+mod version;
 
 pub use compile::CompiledPolicy;
 pub use decide::{
@@ -63,6 +64,7 @@ pub use detectors::{is_builtin, BUILTIN_DETECTORS, DETECTOR_GROUPS};
 pub use explain::{Explanation, RuleOutcome, RuleTrace};
 pub use load::{load_dir, load_files, load_sources, parse_policy, PolicyError, PolicyStore};
 pub use schema::{Action, MaskStyle, Mode, PolicyFile, Protocol};
+pub use version::{PolicyStamp, PolicyVersion};
 
 #[cfg(test)]
 mod tests;
