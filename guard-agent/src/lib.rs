@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dlp;
+pub mod handover;
 pub mod http;
 pub mod intercept;
 pub mod policy;

@@ -57,6 +57,8 @@ pub struct AdminState {
     /// Group id allowed to decide holds and read events besides root.
     pub approver_gid: Option<u32>,
     pub approvals: Arc<Approvals>,
+    /// Pinned attachments, fail mode and heartbeat, for `status`.
+    pub attachments: Option<Arc<crate::bpf::AttachmentView>>,
 }
 
 /// Errors setting up the admin socket.
@@ -376,6 +378,32 @@ fn status(state: &AdminState) -> Status {
         store_bytes: state.store.bytes(),
         store_size_on_disk: state.store.size_on_disk(),
         state_dir: c.state_dir.clone(),
+        fail_mode: state
+            .attachments
+            .as_ref()
+            .map(|a| a.heartbeat.fail_mode())
+            .unwrap_or_default(),
+        heartbeat_age_ms: state
+            .attachments
+            .as_ref()
+            .and_then(|a| a.heartbeat.age())
+            .map(|d| d.as_millis() as u64),
+        pin_dir: state.attachments.as_ref().map(|a| a.pin_dir.clone()),
+        scopes: state
+            .attachments
+            .as_ref()
+            .map(|a| {
+                a.scopes()
+                    .into_iter()
+                    .map(|s| protocol::ScopeStatus {
+                        cgroup: s.cgroup,
+                        links: s.links,
+                        pinned: s.pinned,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        excluded_cgroups: c.exclude_cgroups.clone(),
     }
 }
 
