@@ -16,7 +16,7 @@ use std::{
 };
 
 use guard_harness::{
-    command_in, external_v4, read_line_until, require_root,
+    command_in, external_v4, require_root,
     servers::{HashSink, HttpServer},
     Agent, AgentOptions, TestCgroup,
 };
@@ -49,6 +49,26 @@ fn curl_at(cgroup: &Path, url: &str) -> Output {
         .args(["-sS", "--max-time", "20", url])
         .output()
         .unwrap()
+}
+
+/// A plain `connect()` from a process in `cgroup`: "ok" or the errno name.
+fn connect_in(cgroup: &Path, addr: std::net::SocketAddr) -> String {
+    let script = format!(
+        r#"
+import socket, errno
+try:
+    socket.create_connection(("{}", {}), timeout=20).close(); print("ok")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e)))
+"#,
+        addr.ip(),
+        addr.port()
+    );
+    let out = command_in(cgroup, "python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn pin_dir(agent: &Agent) -> PathBuf {
@@ -105,11 +125,7 @@ fn a_killed_agent_in_enforce_mode_fails_closed_until_the_next_start_takes_over()
         "curl must fail to connect: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("refused"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(connect_in(&monitored.path, server.addr), "ECONNREFUSED");
     // Outside the scope: unaffected.
     let out = curl_at(&outside.path, &url("outside"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -122,13 +138,15 @@ fn a_killed_agent_in_enforce_mode_fails_closed_until_the_next_start_takes_over()
         "{}",
         agent2.log_text()
     );
+    // (A killed agent may lose the events it had not flushed yet.)
+    let before = agent2.events(&["--kind", "connection"]).len();
     assert!(curl_at(&monitored.path, &url("after-restart"))
         .status
         .success());
-    let events = agent2.wait_events(&["--kind", "connection"], 2);
-    assert!(events
-        .iter()
-        .any(|e| e["dst"] == server.addr.to_string() && e["verdict"] != "error"));
+    let events = agent2.wait_events(&["--kind", "connection"], before + 1);
+    let last = events.last().unwrap();
+    assert_eq!(last["dst"], server.addr.to_string());
+    assert_ne!(last["verdict"], "error", "{last}");
     // Only the new generation is pinned.
     let generations: Vec<_> = std::fs::read_dir(&pins).unwrap().flatten().collect();
     assert_eq!(generations.len(), 1, "{generations:?}");
@@ -223,8 +241,8 @@ fn excluded_child_cgroup_of_an_attached_parent_goes_direct_while_its_sibling_is_
 }
 
 /// A python client in the monitored cgroup that streams to the hash sink
-/// until `stop` exists, then a little more, and prints whether the sink's
-/// hash matches what it sent.
+/// (creating `argv[3]` once connected) until `argv[2]` exists, then a little
+/// more, and prints whether the sink's hash and count match what it sent.
 const STREAM: &str = r#"
 import socket, hashlib, os, sys, time
 block = bytes((i * 7919 + 13) % 251 for i in range(1 << 16))
@@ -234,7 +252,7 @@ def send():
     global n
     s.sendall(block); h.update(block); n += len(block)
 send()
-print("streaming", flush=True)
+open(sys.argv[3], "w").close()
 while not os.path.exists(sys.argv[2]):
     send(); time.sleep(0.002)
 for _ in range(64):
@@ -283,15 +301,21 @@ fn a_handover_restart_keeps_established_streams_and_admits_nothing_uninspected()
     let pins = pin_dir(&old);
     let _cleanup = PinCleanup(pins.clone());
 
+    let streaming = work.path().join("streaming");
     let mut stream = cg
         .command("python3")
         .args(["-c", STREAM])
         .arg(sink.addr.port().to_string())
         .arg(&stop_stream)
+        .arg(&streaming)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    read_line_until(&mut stream, |l| l == "streaming", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !streaming.exists() {
+        assert!(Instant::now() < deadline, "the stream did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut load = cg
         .command("python3")
         .args(["-c", LOAD])

@@ -332,7 +332,7 @@ impl KernelPrograms {
                 source,
             })?;
             let link = pins::link_create(fd.as_fd(), file.as_fd(), attach).map_err(attach_err)?;
-            let path = self.generation.join(format!("{cgroup_id}.{name}"));
+            let path = self.generation.join(format!("{cgroup_id}-{name}"));
             if let Err(source) = pins::pin(link.as_fd(), &path) {
                 let _ = pins::link_detach(link.as_fd());
                 return Err(BpfError::Pin { path, source });

@@ -9,7 +9,8 @@
 //! /sys/fs/bpf/guard/<instance>/            instance = first 16 hex digits of
 //!                                          sha256(canonical state dir path)
 //!   gen-<pid>-<unix ns>/                   one agent run (a "generation")
-//!     <cgroup id>.<program>                one pinned link per cgroup and program
+//!     <cgroup id>-<program>                one pinned link per cgroup and program
+//!                                          (bpffs refuses dots in names)
 //! ```
 //!
 //! A clean stop detaches and unlinks its generation; a crash or a handover
