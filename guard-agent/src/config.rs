@@ -412,7 +412,9 @@ impl AgentConfig {
                     return Err(field_err(
                         &origin,
                         "fail_open_after",
-                        format!("`{v}`: must be at least 2s (the heartbeat is written every second)"),
+                        format!(
+                            "`{v}`: must be at least 2s (the heartbeat is written every second)"
+                        ),
                     ));
                 }
                 Some(d)
@@ -548,11 +550,17 @@ mod tests {
             .unwrap();
         assert_eq!(c.fail_open_after, Some(Duration::from_secs(5)));
         assert_eq!(c.exclude_cgroups, vec![PathBuf::from("/a/b")]);
-        assert!(parse(r#"(cgroups: ["/a"])"#).unwrap().fail_open_after.is_none());
+        assert!(parse(r#"(cgroups: ["/a"])"#)
+            .unwrap()
+            .fail_open_after
+            .is_none());
         let e = parse(r#"(cgroups: ["/a"], fail_open_after: "1s")"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("fail_open_after") && e.contains("at least 2s"), "{e}");
+        assert!(
+            e.contains("fail_open_after") && e.contains("at least 2s"),
+            "{e}"
+        );
         let e = parse(r#"(cgroups: ["/a"], fail_open_after: "soon")"#)
             .unwrap_err()
             .to_string();

@@ -577,7 +577,9 @@ fn check_excluded_cgroup(mount: &Path, path: &Path) -> Result<(), StartError> {
         message,
     };
     if !path.is_dir() {
-        return Err(err("does not exist (create it first, or fix --exclude-cgroup / `exclude_cgroups`)".into()));
+        return Err(err(
+            "does not exist (create it first, or fix --exclude-cgroup / `exclude_cgroups`)".into(),
+        ));
     }
     cgroup::check_cgroup_dir(mount, path)?;
     let level = path

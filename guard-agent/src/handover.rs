@@ -82,7 +82,10 @@ pub async fn take_over(state_dir: &Path) -> Result<Option<i32>, TakeoverError> {
     if pid as u32 == std::process::id() || !is_agent(pid) {
         return Ok(None);
     }
-    tracing::info!(pid, "taking over: asking the running agent to hand over (SIGUSR2)");
+    tracing::info!(
+        pid,
+        "taking over: asking the running agent to hand over (SIGUSR2)"
+    );
     nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGUSR2)
         .map_err(|source| TakeoverError::Signal { pid, source })?;
     let deadline = Instant::now() + TAKEOVER_WAIT;

@@ -128,13 +128,19 @@ fn a_killed_agent_in_enforce_mode_fails_closed_until_the_next_start_takes_over()
     assert_eq!(connect_in(&monitored.path, server.addr), "ECONNREFUSED");
     // Outside the scope: unaffected.
     let out = curl_at(&outside.path, &url("outside"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(paths_seen(&server), vec!["/before", "/outside"]);
 
     // A new start on the same state dir takes the attachments over.
     let mut agent2 = Agent::start(opts);
     assert!(
-        agent2.log_text().contains("took over from an earlier agent"),
+        agent2
+            .log_text()
+            .contains("took over from an earlier agent"),
         "{}",
         agent2.log_text()
     );
@@ -222,17 +228,31 @@ fn excluded_child_cgroup_of_an_attached_parent_goes_direct_while_its_sibling_is_
         &["--exclude-cgroup", excluded.to_str().unwrap()],
     ));
     let st = agent.status();
-    assert_eq!(st["excluded_cgroups"][0], excluded.to_str().unwrap(), "{st}");
+    assert_eq!(
+        st["excluded_cgroups"][0],
+        excluded.to_str().unwrap(),
+        "{st}"
+    );
 
     for (cg, path) in [(&excluded, "excluded"), (&deeper, "descendant")] {
         let out = curl_at(cg, &format!("http://{}/{path}", server.addr));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert!(curl_at(&sibling, &format!("http://{}/sibling", server.addr))
-        .status
-        .success());
+    assert!(
+        curl_at(&sibling, &format!("http://{}/sibling", server.addr))
+            .status
+            .success()
+    );
     let events = agent.wait_events(&["--kind", "connection"], 1);
-    assert_eq!(events.len(), 1, "only the sibling is intercepted: {events:#?}");
+    assert_eq!(
+        events.len(),
+        1,
+        "only the sibling is intercepted: {events:#?}"
+    );
     assert_eq!(events[0]["dst"], server.addr.to_string());
     // The excluded ones reached the server directly.
     let mut seen = paths_seen(&server);
@@ -325,14 +345,21 @@ fn a_handover_restart_keeps_established_streams_and_admits_nothing_uninspected()
         .spawn()
         .unwrap();
     // The load is flowing through the old agent.
-    old.wait_events(&["--kind", "connection", "--dest", &server.addr.to_string()], 3);
+    old.wait_events(
+        &["--kind", "connection", "--dest", &server.addr.to_string()],
+        3,
+    );
 
     // Restart: the new agent hands the old one over and waits for it.
     let new_opts = options(vec![cg.path.clone()], &state_dir, &["--takeover"]);
     let starter = std::thread::spawn(move || Agent::start(new_opts));
     let deadline = Instant::now() + Duration::from_secs(60);
     while !old.log_text().contains("listeners closed") {
-        assert!(Instant::now() < deadline, "no handover:\n{}", old.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "no handover:\n{}",
+            old.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The old agent now drains: let the stream finish, so it can exit.
@@ -342,7 +369,12 @@ fn a_handover_restart_keeps_established_streams_and_admits_nothing_uninspected()
     let new = starter.join().expect("the new agent starts");
 
     let mut out = String::new();
-    stream.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    stream
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     assert!(stream.wait().unwrap().success());
     let words: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(
@@ -361,7 +393,11 @@ fn a_handover_restart_keeps_established_streams_and_admits_nothing_uninspected()
     );
     std::fs::write(&stop_load, b"").unwrap();
     let mut lines = String::new();
-    load.stdout.take().unwrap().read_to_string(&mut lines).unwrap();
+    load.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut lines)
+        .unwrap();
     assert!(load.wait().unwrap().success());
 
     // Every request the server saw was made through an agent: its client's
@@ -397,7 +433,11 @@ fn a_handover_restart_keeps_established_streams_and_admits_nothing_uninspected()
             "{path} (client port {port}) reached the server with no event: uninspected"
         );
     }
-    assert_eq!(seen.len(), port_of.len(), "every success reached the server once");
+    assert_eq!(
+        seen.len(),
+        port_of.len(),
+        "every success reached the server once"
+    );
     eprintln!(
         "handover: {} requests inspected, {refused} refused during the restart",
         seen.len()
@@ -427,7 +467,10 @@ fn bad_fail_mode_settings_name_the_problem() {
     let out = run(&["--fail-open-after", "soon"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("fail_open_after") && err.contains("soon"), "{err}");
+    assert!(
+        err.contains("fail_open_after") && err.contains("soon"),
+        "{err}"
+    );
     let missing = cg.path.join("no-such-cgroup");
     let out = run(&["--exclude-cgroup", missing.to_str().unwrap()]);
     assert!(!out.status.success());

@@ -28,7 +28,10 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    pub(crate) fn new(map: Array<MapData, AgentLiveness>, fail_open_after: Option<Duration>) -> Self {
+    pub(crate) fn new(
+        map: Array<MapData, AgentLiveness>,
+        fail_open_after: Option<Duration>,
+    ) -> Self {
         Self {
             map: Mutex::new(map),
             fail_open_after,
@@ -39,9 +42,9 @@ impl Heartbeat {
     pub fn beat(&self) -> Result<(), aya::maps::MapError> {
         let value = AgentLiveness {
             heartbeat_ns: monotonic_ns(),
-            fail_open_after_ns: self
-                .fail_open_after
-                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)),
+            fail_open_after_ns: self.fail_open_after.map_or(0, |d| {
+                u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+            }),
         };
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.set(0, value, 0)
@@ -51,7 +54,9 @@ impl Heartbeat {
     pub fn age(&self) -> Option<Duration> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let v = map.get(&0, 0).ok()?;
-        Some(Duration::from_nanos(monotonic_ns().saturating_sub(v.heartbeat_ns)))
+        Some(Duration::from_nanos(
+            monotonic_ns().saturating_sub(v.heartbeat_ns),
+        ))
     }
 
     /// The fail-open window; None = enforce (fail closed).

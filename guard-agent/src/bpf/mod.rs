@@ -318,7 +318,9 @@ impl KernelPrograms {
                 source: aya::programs::ProgramError::IOError(source),
             };
             let attach = pins::attach_type(name).ok_or_else(|| {
-                attach_err(std::io::Error::other("no attach type known for this program"))
+                attach_err(std::io::Error::other(
+                    "no attach type known for this program",
+                ))
             })?;
             let prog = self.ebpf.program(name).expect("loaded above");
             let fd = match prog {
@@ -365,7 +367,9 @@ impl KernelPrograms {
                     tracing::info!(pins = %dir.display(), links = k, "took over from an earlier agent: its attachments are detached");
                     n += k;
                 }
-                Err(e) => tracing::warn!(pins = %dir.display(), "cannot remove stale attachments: {e}"),
+                Err(e) => {
+                    tracing::warn!(pins = %dir.display(), "cannot remove stale attachments: {e}")
+                }
             }
         }
         n

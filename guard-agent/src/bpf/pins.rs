@@ -156,7 +156,11 @@ struct LinkDetachAttr {
 }
 
 /// Creates a cgroup link of `prog` on `cgroup` (multi-attach).
-pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach: u32) -> io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: cgroup.as_raw_fd() as u32,

@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: load the kernel programs, intercept, record.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List recorded events (connections and HTTP requests), newest last.
     Events(events::EventsArgs),
     /// Show the running agent's programs, scopes, counters and store.
@@ -181,7 +181,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Run(a) => run_agent(a).map(|_| 0),
+        Command::Run(a) => run_agent(*a).map(|_| 0),
         Command::Events(a) => events::run(a).map(|_| 0),
         Command::Status(a) => status::run(a).map(|_| 0),
         Command::Exec(a) => exec::run(a),

@@ -102,7 +102,11 @@ fn print_fail_mode(s: &crate::admin::Status) {
             "  {}: {} links, {}",
             sc.cgroup.display(),
             sc.links,
-            if sc.pinned { "attached, pinned" } else { "NOT pinned" }
+            if sc.pinned {
+                "attached, pinned"
+            } else {
+                "NOT pinned"
+            }
         );
     }
     for c in &s.excluded_cgroups {
