@@ -28,9 +28,6 @@ struct PinCleanup(PathBuf);
 impl Drop for PinCleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-        if let Some(parent) = self.0.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
     }
 }
 

@@ -266,12 +266,10 @@ pub fn remove_generation(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Removes the instance directory and `/sys/fs/bpf/guard` when empty.
+/// Removes the instance directory when empty. `/sys/fs/bpf/guard` itself
+/// stays: another instance may be creating its directory in it right now.
 pub fn remove_empty_dirs(instance: &Path) {
     let _ = std::fs::remove_dir(instance);
-    if let Some(parent) = instance.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
 }
 
 #[cfg(test)]
