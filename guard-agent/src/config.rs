@@ -17,6 +17,8 @@ use serde::Deserialize;
 pub const DEFAULT_PORT: u16 = 15001;
 /// Default `SO_MARK` on the agent's own upstream sockets.
 pub const DEFAULT_MARK: u32 = 0x6775_6172; // "guar"
+/// Shortest fail-open window: the heartbeat is written every second.
+pub const MIN_FAIL_OPEN_AFTER: Duration = Duration::from_secs(2);
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/guard";
 
@@ -59,6 +61,12 @@ pub struct ConfigFile {
     pub metrics: Option<String>,
     /// Allow a metrics address that is not loopback.
     pub metrics_non_loopback: Option<bool>,
+    /// Fail open: monitored connects go direct once the agent's heartbeat
+    /// is older than this (e.g. "5s"). Unset: fail closed (enforce).
+    pub fail_open_after: Option<String>,
+    /// cgroups (and their descendants) never redirected, even below an
+    /// attached cgroup.
+    pub exclude_cgroups: Option<Vec<PathBuf>>,
 }
 
 /// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
@@ -92,6 +100,10 @@ pub struct ConfigFlags {
     pub secrets_file: Option<PathBuf>,
     pub scope: crate::scope::ScopeConfig,
     pub metrics: Option<String>,
+    pub fail_open_after: Option<String>,
+    pub exclude_cgroups: Vec<PathBuf>,
+    /// Take over from a running agent of the same state directory.
+    pub takeover: bool,
 }
 
 /// How long and how much the event store keeps.
@@ -150,6 +162,13 @@ pub struct AgentConfig {
     pub scope: crate::scope::ScopeConfig,
     /// Where to serve Prometheus metrics (None: not served).
     pub metrics: Option<SocketAddr>,
+    /// None: fail closed (enforce); Some: fail open after this heartbeat age.
+    pub fail_open_after: Option<Duration>,
+    /// cgroups whose processes (and descendants') are never redirected.
+    pub exclude_cgroups: Vec<PathBuf>,
+    /// Hand the running agent of this state directory over (SIGUSR2) and
+    /// wait for it to drain before starting.
+    pub takeover: bool,
 }
 
 /// A configuration problem, with where it is.
@@ -427,7 +446,46 @@ impl AgentConfig {
                 Some(addr)
             }
         };
+        let fail_open_after = match flags.fail_open_after.or(file.fail_open_after) {
+            None => None,
+            Some(v) => {
+                let d = humantime::parse_duration(&v).map_err(|e| {
+                    field_err(
+                        &origin,
+                        "fail_open_after",
+                        format!("`{v}`: {e} (e.g. \"5s\", \"1m\")"),
+                    )
+                })?;
+                if d < MIN_FAIL_OPEN_AFTER {
+                    return Err(field_err(
+                        &origin,
+                        "fail_open_after",
+                        format!(
+                            "`{v}`: must be at least 2s (the heartbeat is written every second)"
+                        ),
+                    ));
+                }
+                Some(d)
+            }
+        };
+        let exclude_cgroups = if flags.exclude_cgroups.is_empty() {
+            file.exclude_cgroups.unwrap_or_default()
+        } else {
+            flags.exclude_cgroups
+        };
+        for (i, c) in exclude_cgroups.iter().enumerate() {
+            if !c.is_absolute() {
+                return Err(field_err(
+                    &origin,
+                    &format!("exclude_cgroups[{i}]"),
+                    format!("`{}` must be an absolute path", c.display()),
+                ));
+            }
+        }
         Ok(Self {
+            fail_open_after,
+            exclude_cgroups,
+            takeover: flags.takeover,
             approver_group,
             notify_command,
             notify_webhook,
@@ -574,6 +632,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not an address"), "{e}");
+    }
+
+    #[test]
+    fn fail_open_and_excluded_cgroups_are_validated() {
+        let c = parse(r#"(cgroups: ["/a"], fail_open_after: "5s", exclude_cgroups: ["/a/b"])"#)
+            .unwrap();
+        assert_eq!(c.fail_open_after, Some(Duration::from_secs(5)));
+        assert_eq!(c.exclude_cgroups, vec![PathBuf::from("/a/b")]);
+        assert!(parse(r#"(cgroups: ["/a"])"#)
+            .unwrap()
+            .fail_open_after
+            .is_none());
+        let e = parse(r#"(cgroups: ["/a"], fail_open_after: "1s")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fail_open_after") && e.contains("at least 2s"),
+            "{e}"
+        );
+        let e = parse(r#"(cgroups: ["/a"], fail_open_after: "soon")"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fail_open_after") && e.contains("soon"), "{e}");
+        let e = parse(r#"(cgroups: ["/a"], exclude_cgroups: ["b"])"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exclude_cgroups[0]"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! Shutdown order: detach the kernel programs first (new connects go direct
 //! at once), let open connections finish for a grace period, then stop
 //! them, drain and flush the store.
+//! Handover (SIGUSR2, see `handover`): close the listeners but leave the
+//! programs attached (connects are refused until the next agent takes
+//! over), serve open connections until they end, flush the store, exit.
 
 use std::{
     net::SocketAddr,
@@ -86,6 +89,10 @@ pub enum StartError {
     Scope(#[from] crate::scope::ScopeError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Takeover(#[from] crate::handover::TakeoverError),
+    #[error("excluded cgroup {path}: {message}")]
+    ExcludedCgroup { path: PathBuf, message: String },
 }
 
 /// The policy used when no policy directory is configured.
@@ -353,6 +360,12 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         .into());
     }
     cgroup::create(&exec_parent)?;
+    for c in &cfg.exclude_cgroups {
+        check_excluded_cgroup(&mount, c)?;
+    }
+    if cfg.takeover {
+        crate::handover::take_over(&cfg.state_dir).await?;
+    }
 
     // Everything the agent creates from here on is private unless chmod'ed.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -396,6 +409,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let inspect = Arc::new(inspect);
     let store = EventStore::open(&AgentConfig::store_dir(&state_dir))?;
     let writer = store::start_writer(store.clone(), cfg.retention);
+    crate::handover::write_pid_file(&state_dir).map_err(sd_err)?;
 
     let secrets = match &cfg.secrets_file {
         Some(p) => {
@@ -425,9 +439,15 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     let exec_inherits = cfg.cgroups.iter().any(|c| exec_parent.starts_with(c));
     let own_exec = (!exec_inherits).then_some(&exec_parent);
     for c in cfg.cgroups.iter().chain(own_exec) {
-        programs.attach(c)?;
+        if let Err(e) = programs.attach(c) {
+            programs.release();
+            return Err(e.into());
+        }
         tracing::info!(cgroup = %c.display(), "kernel programs attached");
     }
+    // Ours are attached: only now let go of what an earlier run left.
+    programs.take_over_stale();
+    tracing::info!(pins = %programs.pin_dir().display(), mode = %programs.heartbeat().fail_mode(), "attachments pinned");
 
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -510,7 +530,14 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     drop(resolver);
 
     let sock = AgentConfig::admin_socket(&state_dir);
-    let admin_listener = admin::bind(&sock, gid)?;
+    let admin_listener = match admin::bind(&sock, gid) {
+        Ok(l) => l,
+        Err(e) => {
+            // A failed start is a clean exit: detach, do not black-hole.
+            programs.release();
+            return Err(e.into());
+        }
+    };
     let admin_state = Arc::new(AdminState {
         config: cfg.clone(),
         attached: programs.attached().to_vec(),
@@ -525,6 +552,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         approver_gid: admin_gid(&cfg.approver_group),
         approvals: Arc::clone(&approvals),
         policy_version: Arc::clone(&policy_version),
+        attachments: Some(Arc::new(programs.view())),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
     let reaper_parent = exec_parent.clone();
@@ -538,11 +566,27 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             }
         }
     });
+    let heartbeat = programs.heartbeat();
+    let mut heartbeat_stop = stop_rx.clone();
+    let heartbeat_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::bpf::liveness::HEARTBEAT_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => if let Err(e) = heartbeat.beat() {
+                    tracing::warn!("cannot write the heartbeat: {e}");
+                },
+                _ = heartbeat_stop.changed() => break,
+            }
+        }
+    });
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "guard-agent is running");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("signal handler");
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("signal handler");
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("signal handler");
+    let mut usr2 =
+        tokio::signal::unix::signal(SignalKind::user_defined2()).expect("signal handler");
+    let mut handover = false;
     let mut poll = tokio::time::interval(POLICY_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stamp = cfg.policy_dir.as_deref().map(policy_stamp);
@@ -550,6 +594,11 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: handing over; new connects are refused until the next agent takes over");
+                handover = true;
+                break;
+            }
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
                 reload_policy(&cfg, &inspect.policy, &policy_version, &writer.sink, "SIGHUP").await;
@@ -564,11 +613,22 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         }
     }
 
-    // 1. New connects go direct from now on.
-    drop(programs);
-    tracing::info!("kernel programs detached");
+    let grace = if handover {
+        // 1. Stop accepting; the pinned programs stay for the next agent.
+        for t in &tasks {
+            t.abort();
+        }
+        drop(programs);
+        tracing::info!("listeners closed, kernel programs left attached for the next agent");
+        crate::handover::HANDOVER_DRAIN
+    } else {
+        // 1. New connects go direct from now on.
+        programs.release();
+        tracing::info!("kernel programs detached");
+        GRACE
+    };
     // 2. Connections already redirected may finish.
-    let deadline = Instant::now() + GRACE;
+    let deadline = Instant::now() + grace;
     while counters.active.load(std::sync::atomic::Ordering::Relaxed) > 0
         && Instant::now() < deadline
     {
@@ -584,6 +644,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     for t in metrics_tasks {
         let _ = t.await;
     }
+    let _ = heartbeat_task.await;
     // Connection tasks hold sink clones; give stopped ones a moment to record.
     let drain_deadline = Instant::now() + Duration::from_secs(2);
     while Arc::strong_count(&intercept) > 1 && Instant::now() < drain_deadline {
@@ -598,7 +659,34 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     drop(writer.sink);
     let _ = writer.task.await;
     let _ = std::fs::remove_file(&sock);
+    crate::handover::remove_pid_file(&state_dir);
     admin::reap_exec_cgroups(&exec_parent);
     tracing::info!(events = store.len(), "event store flushed; bye");
+    Ok(())
+}
+
+/// An excluded cgroup must exist in the hierarchy and sit no deeper than the
+/// kernel programs look (`MAX_EXCLUDED_CGROUP_LEVEL`).
+fn check_excluded_cgroup(mount: &Path, path: &Path) -> Result<(), StartError> {
+    let err = |message: String| StartError::ExcludedCgroup {
+        path: path.to_owned(),
+        message,
+    };
+    if !path.is_dir() {
+        return Err(err(
+            "does not exist (create it first, or fix --exclude-cgroup / `exclude_cgroups`)".into(),
+        ));
+    }
+    cgroup::check_cgroup_dir(mount, path)?;
+    let level = path
+        .strip_prefix(mount)
+        .map(|rel| rel.components().count())
+        .unwrap_or(usize::MAX);
+    if level > guard_common::MAX_EXCLUDED_CGROUP_LEVEL as usize {
+        return Err(err(format!(
+            "is {level} levels deep; exclusions work down to level {}",
+            guard_common::MAX_EXCLUDED_CGROUP_LEVEL
+        )));
+    }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod dlp;
 pub mod dns;
+pub mod handover;
 pub mod http;
 pub mod install;
 pub mod intercept;

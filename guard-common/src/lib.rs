@@ -148,6 +148,35 @@ pub struct DnsConfig {
     pub resolver_v6: [u8; 16],
 }
 
+// Fail mode and scope exclusions (maps `LIVENESS` and `EXCLUDED_CGROUPS`).
+// ---------------------------------------------------------------------------
+
+/// The agent's heartbeat and fail mode, one entry in `LIVENESS`.
+///
+/// The agent writes `heartbeat_ns` about once a second with the monotonic
+/// clock `bpf_ktime_get_ns()` reads (`CLOCK_MONOTONIC`). With
+/// `fail_open_after_ns == 0` (enforce, the default) the connect programs
+/// redirect whether or not the agent is alive: a dead agent means refused
+/// connections. Otherwise they stop redirecting once the heartbeat is older
+/// than `fail_open_after_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentLiveness {
+    /// `CLOCK_MONOTONIC` time of the agent's last heartbeat, nanoseconds.
+    pub heartbeat_ns: u64,
+    /// 0: fail closed; otherwise the heartbeat age after which connects go
+    /// direct, nanoseconds.
+    pub fail_open_after_ns: u64,
+}
+
+/// How many cgroup levels below the root the connect programs walk when
+/// they look for an excluded ancestor: an excluded cgroup must sit at most
+/// this deep (the root is level 0, `/sys/fs/cgroup/a` is level 1).
+pub const MAX_EXCLUDED_CGROUP_LEVEL: u32 = 16;
+
+/// Value stored in `EXCLUDED_CGROUPS` for an excluded cgroup id.
+pub const CGROUP_EXCLUDED: u8 = 1;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)] plain data with explicit padding.
@@ -155,4 +184,5 @@ mod pod {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::KernelConfig {}
     unsafe impl aya::Pod for super::DnsConfig {}
+    unsafe impl aya::Pod for super::AgentLiveness {}
 }

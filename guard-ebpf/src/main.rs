@@ -17,6 +17,12 @@
 //! - UDP (DNS to the agent's resolver, blocked UDP destinations): `udp.rs`;
 //!   `connect4|6` hand UDP sockets to it.
 //!
+//! - Fail mode (`LIVENESS`): with a fail-open window set, a connect is not
+//!   redirected once the agent's heartbeat is older than the window; with
+//!   none (enforce), it is redirected even to a dead agent, so it is refused.
+//! - Exclusions (`EXCLUDED_CGROUPS`): a caller whose cgroup, or any ancestor
+//!   up to `MAX_EXCLUDED_CGROUP_LEVEL`, is excluded is never redirected.
+//!
 //! They must never redirect the agent's own sockets (its tgid, and any
 //! socket carrying the agent's `SO_MARK`), and never fail a TCP `connect()`:
 //! every TCP path returns "allow", with or without a rewrite. Decisions that can live in user space do.
@@ -29,7 +35,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
@@ -37,7 +43,10 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
-use guard_common::{KernelConfig, OriginalDst, SockAddrKey, SCOPE_INTERCEPT};
+use guard_common::{
+    AgentLiveness, KernelConfig, OriginalDst, SockAddrKey, MAX_EXCLUDED_CGROUP_LEVEL,
+    SCOPE_INTERCEPT,
+};
 
 mod udp;
 
@@ -69,6 +78,48 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::with_max_entri
 #[map]
 static ORIG_BY_PEER: LruHashMap<SockAddrKey, OriginalDst> =
     LruHashMap::with_max_entries(65536, 0);
+
+// --- Fail mode and exclusions -------------------------------------------
+
+/// The agent's heartbeat and fail-open window; index 0.
+#[map]
+static LIVENESS: Array<AgentLiveness> = Array::with_max_entries(1, 0);
+
+/// cgroup ids whose processes (and descendants) are never redirected.
+#[map]
+static EXCLUDED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+/// False when fail-open is configured and the agent's heartbeat is stale:
+/// the connect then goes direct. True in enforce mode, alive or not.
+#[inline(always)]
+fn agent_alive() -> bool {
+    match LIVENESS.get(0) {
+        Some(l) if l.fail_open_after_ns != 0 => {
+            let now = unsafe { bpf_ktime_get_ns() };
+            now.saturating_sub(l.heartbeat_ns) <= l.fail_open_after_ns
+        }
+        _ => true,
+    }
+}
+
+/// Whether the caller's cgroup or one of its ancestors is excluded.
+#[inline(always)]
+fn cgroup_excluded() -> bool {
+    let mut level: i32 = 1;
+    while level <= MAX_EXCLUDED_CGROUP_LEVEL as i32 {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false; // above the caller's own level
+        }
+        if EXCLUDED_CGROUPS.get_ptr(&id).is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+// --- Configuration and scope --------------------------------------------
 
 #[inline(always)]
 fn config() -> Option<&'static KernelConfig> {
@@ -104,7 +155,7 @@ unsafe fn task_in_scope(ctx: &SockAddrContext, cfg: &KernelConfig) -> bool {
             return false;
         }
     }
-    true
+    !cgroup_excluded() && agent_alive()
 }
 
 #[inline(always)]

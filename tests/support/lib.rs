@@ -250,7 +250,13 @@ impl Agent {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("guard-agent exited early ({st}):\n{}", self.log_text());
             }
-            if self.try_status().is_some() {
+            // Ready when *this* agent answers (a takeover start may find the
+            // previous agent's socket still answering while it drains).
+            let pid = self.pid();
+            if self
+                .try_status()
+                .is_some_and(|s| s["pid"].as_u64() == Some(u64::from(pid)))
+            {
                 return;
             }
             assert!(

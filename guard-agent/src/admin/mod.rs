@@ -61,6 +61,8 @@ pub struct AdminState {
     pub approvals: Arc<Approvals>,
     /// Version, digest and load time of the policy in force.
     pub policy_version: Arc<crate::policy::PolicyVersion>,
+    /// Pinned attachments, fail mode and heartbeat, for `status`.
+    pub attachments: Option<Arc<crate::bpf::AttachmentView>>,
 }
 
 /// Errors setting up the admin socket.
@@ -385,6 +387,32 @@ fn status(state: &AdminState) -> Status {
         retention_max_age_secs: c.retention.max_age.as_secs(),
         retention_max_bytes: c.retention.max_bytes,
         metrics: c.metrics.map(|a| a.to_string()),
+        fail_mode: state
+            .attachments
+            .as_ref()
+            .map(|a| a.heartbeat.fail_mode())
+            .unwrap_or_default(),
+        heartbeat_age_ms: state
+            .attachments
+            .as_ref()
+            .and_then(|a| a.heartbeat.age())
+            .map(|d| d.as_millis() as u64),
+        pin_dir: state.attachments.as_ref().map(|a| a.pin_dir.clone()),
+        scopes: state
+            .attachments
+            .as_ref()
+            .map(|a| {
+                a.scopes()
+                    .into_iter()
+                    .map(|s| protocol::ScopeStatus {
+                        cgroup: s.cgroup,
+                        links: s.links,
+                        pinned: s.pinned,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        excluded_cgroups: c.exclude_cgroups.clone(),
     }
 }
 

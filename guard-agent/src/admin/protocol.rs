@@ -115,4 +115,29 @@ pub struct Status {
     /// Where Prometheus metrics are served, if anywhere.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// "fail-closed" or "fail-open after 5s".
+    #[serde(default)]
+    pub fail_mode: String,
+    /// Age of the heartbeat the kernel programs see, milliseconds.
+    #[serde(default)]
+    pub heartbeat_age_ms: Option<u64>,
+    /// bpffs directory of this instance's pinned attachments.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
+    /// Per scope cgroup: links and whether they are pinned.
+    #[serde(default)]
+    pub scopes: Vec<ScopeStatus>,
+    /// cgroups never redirected (nor their descendants).
+    #[serde(default)]
+    pub excluded_cgroups: Vec<PathBuf>,
+}
+
+/// Attachment state of one scope cgroup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScopeStatus {
+    pub cgroup: PathBuf,
+    /// Links the agent made on it (one per program).
+    pub links: usize,
+    /// All of them pinned in bpffs: they stay attached if the agent dies.
+    pub pinned: bool,
 }

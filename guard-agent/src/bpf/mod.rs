@@ -2,27 +2,37 @@
 //! attaches them to the monitored cgroups, and answers "where was this
 //! accepted connection going, and who made it?".
 //!
-//! Attachments are `bpf_link`s owned by this process: when the agent exits,
-//! cleanly or not, the kernel detaches them and monitored processes connect
-//! directly again; nothing is pinned. Kernel log records (aya-log) are
-//! forwarded to `tracing` under the target `guard_ebpf`.
+//! Attachments are `bpf_link`s pinned in bpffs (see [`pins`]): they outlive
+//! the agent. A clean stop ([`KernelPrograms::release`]) detaches them and
+//! monitored processes connect directly again; a crash or a handover leaves
+//! them attached, so monitored connects are refused (fail closed) unless a
+//! fail-open window is set and the heartbeat ([`liveness`]) goes stale. A new
+//! agent attaches its own links first and then removes the ones it finds
+//! from earlier runs of the same state directory. Kernel log records
+//! (aya-log) are forwarded to `tracing` under the target `guard_ebpf`.
 //!
 //! This module must never attach to a cgroup it was not given, and never
 //! write the destination maps with anything but the validated scope.
 
+pub mod liveness;
+pub mod pins;
+
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
+    os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
-use guard_common::{KernelConfig, OriginalDst, SockAddrKey, SCOPE_EXCLUDE, SCOPE_INTERCEPT};
+use guard_common::{
+    AgentLiveness, KernelConfig, OriginalDst, SockAddrKey, CGROUP_EXCLUDED, SCOPE_EXCLUDE,
+    SCOPE_INTERCEPT,
+};
 use ipnet::IpNet;
 
 use crate::config::AgentConfig;
@@ -74,6 +84,12 @@ pub enum BpfError {
     },
     #[error("kernel map `{map}`: {message}")]
     Map { map: &'static str, message: String },
+    #[error("pinned attachments under {path}: {source} (is bpffs available at /sys/fs/bpf?)")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
@@ -83,10 +99,52 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
     }
 }
 
-/// Loaded and attached kernel programs. Dropping this detaches everything.
+/// Loaded and attached kernel programs. Dropping this leaves the pinned
+/// attachments in place (crash and handover semantics); only
+/// [`KernelPrograms::release`] detaches them.
 pub struct KernelPrograms {
     ebpf: Ebpf,
     attached: Vec<PathBuf>,
+    heartbeat: Arc<liveness::Heartbeat>,
+    /// `/sys/fs/bpf/guard/<instance>`.
+    instance: PathBuf,
+    /// This run's generation directory inside `instance`.
+    generation: PathBuf,
+    links: Vec<pins::PinnedLink>,
+}
+
+/// A read-only view of the attachments for `status`.
+pub struct AttachmentView {
+    pub heartbeat: Arc<liveness::Heartbeat>,
+    /// `/sys/fs/bpf/guard/<instance>`.
+    pub pin_dir: PathBuf,
+    /// Each scope cgroup and the pin paths of its links.
+    scopes: Vec<(PathBuf, Vec<PathBuf>)>,
+}
+
+/// Attachment state of one scope cgroup, for `status`.
+#[derive(Debug, Clone)]
+pub struct ScopeAttachment {
+    pub cgroup: PathBuf,
+    /// Links this agent made on the cgroup.
+    pub links: usize,
+    /// Every one of them is still pinned in bpffs (so it stays attached if
+    /// the agent dies).
+    pub pinned: bool,
+}
+
+impl AttachmentView {
+    /// Per scope cgroup: links made and whether they are all still pinned.
+    pub fn scopes(&self) -> Vec<ScopeAttachment> {
+        self.scopes
+            .iter()
+            .map(|(cgroup, pins)| ScopeAttachment {
+                cgroup: cgroup.clone(),
+                links: pins.len(),
+                pinned: !pins.is_empty() && pins.iter().all(|p| p.exists()),
+            })
+            .collect()
+    }
 }
 
 /// Reads (and consumes) the original destination of accepted connections.
@@ -164,6 +222,34 @@ impl KernelPrograms {
 
         Self::fill_udp_maps(&mut ebpf, &crate::dns::listen_addrs(cfg), &cfg.udp)?;
 
+        let mut excluded: HashMap<_, u64, u8> =
+            HashMap::try_from(ebpf.map_mut("EXCLUDED_CGROUPS").ok_or(BpfError::Map {
+                map: "EXCLUDED_CGROUPS",
+                message: "missing from the object".into(),
+            })?)
+            .map_err(map_err("EXCLUDED_CGROUPS"))?;
+        for c in &cfg.exclude_cgroups {
+            let id = std::fs::metadata(c)
+                .map_err(|source| BpfError::OpenCgroup {
+                    cgroup: c.clone(),
+                    source,
+                })?
+                .ino();
+            excluded
+                .insert(id, CGROUP_EXCLUDED, 0)
+                .map_err(map_err("EXCLUDED_CGROUPS"))?;
+        }
+
+        let liveness: Array<_, AgentLiveness> =
+            Array::try_from(ebpf.take_map("LIVENESS").ok_or(BpfError::Map {
+                map: "LIVENESS",
+                message: "missing from the object".into(),
+            })?)
+            .map_err(map_err("LIVENESS"))?;
+        let heartbeat = Arc::new(liveness::Heartbeat::new(liveness, cfg.fail_open_after));
+        // Fresh before anything is attached, so fail-open starts closed.
+        heartbeat.beat().map_err(map_err("LIVENESS"))?;
+
         if !cfg.uids.is_empty() {
             let mut uids: HashMap<_, u32, u8> =
                 HashMap::try_from(ebpf.map_mut("SCOPE_UIDS").ok_or(BpfError::Map {
@@ -200,53 +286,149 @@ impl KernelPrograms {
         let table = OriginalDstTable {
             map: Mutex::new(HashMap::try_from(peer_map).map_err(map_err("ORIG_BY_PEER"))?),
         };
+        let instance = pins::instance_dir(&cfg.state_dir);
+        let generation = instance.join(pins::generation_name());
+        let pin_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BpfError::Pin { path, source }
+        };
+        pins::ensure_bpffs().map_err(pin_err(Path::new(pins::BPFFS)))?;
+        std::fs::create_dir_all(&generation).map_err(pin_err(&generation))?;
         Ok((
             Self {
                 ebpf,
                 attached: Vec::new(),
+                heartbeat,
+                instance,
+                generation,
+                links: Vec::new(),
             },
             table,
         ))
     }
 
-    /// Attaches every program to one cgroup directory. On kernels with
-    /// `bpf_link` (5.7+) the attachment is a link, which coexists with other
-    /// programs on the same cgroup; the "Single" mode means no legacy flags.
+    /// Attaches every program to one cgroup directory with `bpf_link`s
+    /// (multi-attach: they coexist with other programs on the cgroup) and
+    /// pins each link in this run's generation directory.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
-        for name in PROGRAMS {
-            let file = File::open(cgroup).map_err(|source| BpfError::OpenCgroup {
+        let file = File::open(cgroup).map_err(|source| BpfError::OpenCgroup {
+            cgroup: cgroup.to_owned(),
+            source,
+        })?;
+        let cgroup_id = file
+            .metadata()
+            .map_err(|source| BpfError::OpenCgroup {
                 cgroup: cgroup.to_owned(),
                 source,
-            })?;
-            let prog = self.ebpf.program_mut(name).expect("loaded above");
-            let res = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let p: &mut CgroupSockAddr = p;
-                    p.attach(&file, CgroupAttachMode::Single).map(drop)
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let p: &mut SockOps = p;
-                    p.attach(&file, CgroupAttachMode::Single).map(drop)
-                }
-                aya::programs::Program::CgroupSkb(p) => {
-                    let p: &mut aya::programs::CgroupSkb = p;
-                    p.attach(
-                        &file,
-                        aya::programs::CgroupSkbAttachType::Egress,
-                        CgroupAttachMode::Single,
-                    )
-                    .map(drop)
-                }
-                _ => unreachable!(),
+            })?
+            .ino();
+        for name in PROGRAMS {
+            let attach_err = |source: std::io::Error| BpfError::Attach {
+                program: name,
+                cgroup: cgroup.to_owned(),
+                source: aya::programs::ProgramError::IOError(source),
             };
-            res.map_err(|source| BpfError::Attach {
+            let attach = pins::attach_type(name).ok_or_else(|| {
+                attach_err(std::io::Error::other(
+                    "no attach type known for this program",
+                ))
+            })?;
+            let prog = self.ebpf.program(name).expect("loaded above");
+            let fd = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => p.fd(),
+                aya::programs::Program::SockOps(p) => p.fd(),
+                aya::programs::Program::CgroupSkb(p) => p.fd(),
+                _ => unreachable!("guard programs are sock_addr, sock_ops or cgroup_skb"),
+            }
+            .map_err(|source| BpfError::Attach {
                 program: name,
                 cgroup: cgroup.to_owned(),
                 source,
             })?;
+            let link = pins::link_create(fd.as_fd(), file.as_fd(), attach).map_err(attach_err)?;
+            let path = self.generation.join(format!("{cgroup_id}-{name}"));
+            if let Err(source) = pins::pin(link.as_fd(), &path) {
+                let _ = pins::link_detach(link.as_fd());
+                return Err(BpfError::Pin { path, source });
+            }
+            self.links.push(pins::PinnedLink {
+                cgroup: cgroup.to_owned(),
+                program: name,
+                path,
+                fd: link,
+            });
         }
         self.attached.push(cgroup.to_owned());
         Ok(())
+    }
+
+    /// Detaches the attachments earlier runs of this state directory left
+    /// pinned (after a crash or a handover). Call it once this run's own
+    /// programs are attached, so that monitored cgroups are never without
+    /// one. Returns how many links were detached.
+    pub fn take_over_stale(&self) -> usize {
+        let mine = self
+            .generation
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut n = 0;
+        for dir in pins::other_generations(&self.instance, &mine) {
+            match pins::remove_generation(&dir) {
+                Ok(k) => {
+                    tracing::info!(pins = %dir.display(), links = k, "took over from an earlier agent: its attachments are detached");
+                    n += k;
+                }
+                Err(e) => {
+                    tracing::warn!(pins = %dir.display(), "cannot remove stale attachments: {e}")
+                }
+            }
+        }
+        n
+    }
+
+    /// Clean stop: detaches every attachment of this run and removes its
+    /// pins; monitored processes connect directly from now on.
+    pub fn release(mut self) {
+        for link in self.links.drain(..) {
+            let path = link.path.clone();
+            if let Err(e) = link.release() {
+                tracing::warn!(pin = %path.display(), "cannot release a link: {e}");
+            }
+        }
+        let _ = std::fs::remove_dir(&self.generation);
+        pins::remove_empty_dirs(&self.instance);
+    }
+
+    /// The heartbeat writer (shared with the heartbeat task and `status`).
+    pub fn heartbeat(&self) -> Arc<liveness::Heartbeat> {
+        Arc::clone(&self.heartbeat)
+    }
+
+    /// The bpffs directory holding this instance's pins.
+    pub fn pin_dir(&self) -> &Path {
+        &self.instance
+    }
+
+    /// What `status` shows about the attachments, fail mode and heartbeat.
+    pub fn view(&self) -> AttachmentView {
+        AttachmentView {
+            heartbeat: Arc::clone(&self.heartbeat),
+            pin_dir: self.instance.clone(),
+            scopes: self
+                .attached
+                .iter()
+                .map(|c| {
+                    let pins = self
+                        .links
+                        .iter()
+                        .filter(|l| &l.cgroup == c)
+                        .map(|l| l.path.clone())
+                        .collect();
+                    (c.clone(), pins)
+                })
+                .collect(),
+        }
     }
 
     /// The cgroups the programs are attached to.

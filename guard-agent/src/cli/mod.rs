@@ -153,6 +153,19 @@ pub struct RunArgs {
     /// Leave DNS alone: no resolver, no DNS redirect.
     #[arg(long)]
     pub no_dns: bool,
+    /// Fail open: monitored connects go direct once the agent's heartbeat is
+    /// older than this (e.g. 5s). Default: fail closed (refused while down).
+    #[arg(long, value_name = "DURATION")]
+    pub fail_open_after: Option<String>,
+    /// cgroup never redirected, nor its descendants, even below a monitored
+    /// cgroup (repeatable).
+    #[arg(long = "exclude-cgroup", value_name = "PATH")]
+    pub exclude_cgroups: Vec<PathBuf>,
+    /// Restart without a window: hand the running agent of this state
+    /// directory over (SIGUSR2: it stops accepting, drains, exits leaving
+    /// the programs attached), then start and take its attachments over.
+    #[arg(long)]
+    pub takeover: bool,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -190,6 +203,9 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             host: args.scope_host,
         },
         metrics: args.metrics,
+        fail_open_after: args.fail_open_after,
+        exclude_cgroups: args.exclude_cgroups,
+        takeover: args.takeover,
     };
     let cfg = AgentConfig::build(file, flags)?;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

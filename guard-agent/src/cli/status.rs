@@ -117,5 +117,35 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     if let Some(m) = &s.metrics {
         println!("metrics:     http://{m}/metrics");
     }
+    print_fail_mode(&s);
     Ok(())
+}
+
+/// Fail mode, heartbeat and pinned attachments (see README "When the agent
+/// is down").
+fn print_fail_mode(s: &crate::admin::Status) {
+    if !s.fail_mode.is_empty() {
+        println!("fail mode:   {}", s.fail_mode);
+    }
+    if let Some(ms) = s.heartbeat_age_ms {
+        println!("heartbeat:   {ms} ms ago");
+    }
+    if let Some(p) = &s.pin_dir {
+        println!("pins:        {}", p.display());
+    }
+    for sc in &s.scopes {
+        println!(
+            "  {}: {} links, {}",
+            sc.cgroup.display(),
+            sc.links,
+            if sc.pinned {
+                "attached, pinned"
+            } else {
+                "NOT pinned"
+            }
+        );
+    }
+    for c in &s.excluded_cgroups {
+        println!("never redirected: {}", c.display());
+    }
 }
