@@ -11,8 +11,10 @@ use std::{
 };
 
 use guard_harness::{
-    agent_bin, external_v4, require_root, run_ok, servers::HttpServer, Agent, AgentOptions,
-    TestCgroup,
+    agent_bin, external_v4, require_root, run_ok,
+    servers::HttpServer,
+    tls_server::{TestCa, TlsServer},
+    Agent, AgentOptions, TestCgroup,
 };
 use serde_json::Value;
 
@@ -621,7 +623,8 @@ fn the_store_never_holds_a_planted_secret() {
             server.addr
         )],
     );
-    // A token going home is forwarded unchanged, but still not recorded.
+    // A plaintext Host header claiming the token's home does not make it go
+    // home (nothing verifies it): masked like anywhere else.
     curl_ok(
         &cg,
         &[
@@ -638,8 +641,8 @@ fn the_store_never_holds_a_planted_secret() {
     assert_eq!(seen.len(), 4);
     let home = seen.iter().find(|r| r.path == "/home").unwrap();
     assert!(
-        contains(&home.body, GH_TOKEN.as_bytes()),
-        "a token going home is allowed unchanged"
+        !contains(&home.body, GH_TOKEN.as_bytes()),
+        "a plaintext Host header made a token go home"
     );
     agent.wait_events(&["--http"], 4);
     let status = agent.stop_with(libc::SIGTERM);
@@ -678,6 +681,105 @@ fn the_store_never_holds_a_planted_secret() {
     // The events are there, just masked.
     let events = guard_harness::events_in(&agent.state_dir, &["--http"]);
     assert_eq!(events.len(), 4, "{events:#?}");
+}
+
+/// "Goes home" trusts only a server name the upstream certificate was
+/// verified for: the same token to the same server goes home with SNI
+/// api.github.com and is masked when only the Host header claims it.
+#[test]
+fn a_token_goes_home_only_to_a_verified_server_name() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start_for_names(external_v4(0), &ca, &["api.github.com", "localhost"]);
+    let port = server.port();
+    let cg = TestCgroup::new("pol-home");
+    let dir = policy_dir(&[("default.ron", DEFAULT_POLICY)]);
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into()],
+        extra_args: vec![
+            "--policy-dir".into(),
+            dir.path().display().to_string(),
+            "--upstream-root".into(),
+            ca.pem_path().display().to_string(),
+        ],
+        ..Default::default()
+    });
+    let curl = |sni: &str, extra: &[&str], path: &str| {
+        let out = agent
+            .exec("curl")
+            .args(["-sS", "--max-time", "20", "--resolve"])
+            .arg(format!("{sni}:{port}:127.0.0.2"))
+            .args(["-H", &format!("Authorization: token {GH_TOKEN}")])
+            .args(extra)
+            .arg(format!("https://{sni}:{port}{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    curl("api.github.com", &[], "/home");
+    curl("localhost", &["-H", "Host: api.github.com"], "/spoofed");
+
+    let seen = server.requests();
+    let auth = |path: &str| -> String {
+        let r = seen
+            .iter()
+            .find(|r| r.path == path)
+            .unwrap_or_else(|| panic!("no {path}: {seen:#?}"));
+        r.headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        auth("/home"),
+        format!("token {GH_TOKEN}"),
+        "going home, unchanged"
+    );
+    let spoofed = auth("/spoofed");
+    assert!(
+        !spoofed.contains(GH_TOKEN),
+        "a Host header made the token go home: {spoofed}"
+    );
+    assert!(
+        !spoofed.is_empty(),
+        "the header was dropped instead of masked"
+    );
+
+    let events = agent.wait_events(&["--http"], 2);
+    let by_path = |p: &str| {
+        events
+            .iter()
+            .find(|e| e["http"]["path"] == p)
+            .unwrap_or_else(|| panic!("no event for {p}: {events:#?}"))
+    };
+    let home = by_path("/home");
+    assert_eq!(home["host"], "api.github.com");
+    let gh_finding = |e: &Value| -> Value {
+        e["findings"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["detector"] == "github-token"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no github-token finding: {e:#}"))
+    };
+    assert_eq!(gh_finding(home)["goes_home"], true, "{home:#}");
+    let spoofed = by_path("/spoofed");
+    assert_eq!(
+        spoofed["host"], "localhost",
+        "policy decided on the server name"
+    );
+    assert_eq!(
+        spoofed["http"]["host"], "api.github.com",
+        "the Host sent is recorded"
+    );
+    assert_eq!(spoofed["verdict"], "mask", "{spoofed:#}");
+    assert_eq!(gh_finding(spoofed)["goes_home"], false, "{spoofed:#}");
+    assert!(!events.iter().any(|e| e.to_string().contains(GH_TOKEN)));
 }
 
 fn explain(args: &[&str]) -> (Output, String) {

@@ -186,7 +186,18 @@ impl TlsServer {
     /// An HTTPS server with a certificate of `kind` from `ca` for
     /// [`TEST_NAMES`], offering ALPN h2 and http/1.1.
     pub fn start(bind: SocketAddr, ca: &TestCa, kind: CertKind) -> Self {
-        let (chain, key) = ca.issue(TEST_NAMES, kind);
+        Self::start_with_cert(bind, ca.issue(TEST_NAMES, kind))
+    }
+
+    /// An HTTPS server with a valid certificate from `ca` for `names`.
+    pub fn start_for_names(bind: SocketAddr, ca: &TestCa, names: &[&str]) -> Self {
+        Self::start_with_cert(bind, ca.issue(names, CertKind::Valid))
+    }
+
+    fn start_with_cert(
+        bind: SocketAddr,
+        (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    ) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

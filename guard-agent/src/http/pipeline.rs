@@ -122,6 +122,31 @@ fn host_of(req: &Request<Incoming>, ctx: &ConnContext) -> String {
         .to_ascii_lowercase()
 }
 
+/// The destination name policy decides on, and the one "goes home" trusts,
+/// from what the client cannot choose freely. Over TLS it is the server name
+/// the upstream certificate was verified for: a `Host` header naming another
+/// service changes neither (the request still goes to the verified server).
+/// Over plaintext HTTP the `Host` header is all there is, unless the
+/// connection's address was resolved from another name (then that name);
+/// a plaintext `Host` never makes a secret "go home" unless the resolver saw
+/// the same name for this address. The `Host` sent is kept in the record.
+fn decision_host(ctx: &ConnContext, claimed: &str) -> (String, String) {
+    let ip = ctx.dst.ip().to_string();
+    if ctx.scheme == "https" {
+        return match ctx.sni.as_deref() {
+            Some(sni) => {
+                let sni = sni.to_ascii_lowercase();
+                (sni.clone(), sni)
+            }
+            None => (claimed.to_owned(), ip),
+        };
+    }
+    match ctx.template.host.as_deref().map(str::to_ascii_lowercase) {
+        Some(learned) => (learned.clone(), learned),
+        None => (claimed.to_owned(), ip),
+    }
+}
+
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<PipeBody> {
     let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
     Response::builder()
@@ -182,13 +207,14 @@ async fn handle(
     ev.kind = EventKind::Http;
     ev.ts = OffsetDateTime::now_utc();
     ev.id = ctx.sink.reserve_id();
-    let host = host_of(&req, &ctx);
+    let claimed_host = host_of(&req, &ctx);
+    let (host, home_host) = decision_host(&ctx, &claimed_host);
     ev.host = Some(host.clone());
     let is_upgrade = req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT;
     let mut rec = HttpRecord {
         method: req.method().to_string(),
         scheme: ctx.scheme.to_owned(),
-        host: host.clone(),
+        host: claimed_host,
         path: req.uri().path().to_owned(),
         query: req.uri().query().map(str::to_owned),
         version: version_str(req.version()).to_owned(),
@@ -212,7 +238,9 @@ async fn handle(
     };
 
     // 2. Inspect.
-    let inspection = ctx.inspector.inspect_request(&parts, &body_bytes, &host);
+    let inspection = ctx
+        .inspector
+        .inspect_request(&parts, &body_bytes, &home_host);
     if rest.is_some() {
         ev.error = Some(format!(
             "request body larger than {} MiB: only its start was inspected",
