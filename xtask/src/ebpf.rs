@@ -106,7 +106,20 @@ fn objdump() -> anyhow::Result<String> {
     bail!("llvm-objdump not found (apt-get install llvm-22)")
 }
 
-/// The object's instructions and relocations, without file names.
+/// Symbol names without the crate disambiguator Rust's v0 mangling puts in
+/// them (`_RNvNtCsiUx22QdHYAn_5guard3udp4udp4`): it hashes the crate's
+/// path, so the same source built in another checkout names its functions
+/// differently while every instruction is the same.
+fn without_crate_hashes(text: &str) -> String {
+    static CRATE_HASH: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    CRATE_HASH
+        .get_or_init(|| regex::Regex::new(r"(_R[0-9A-Za-z_]*?)Cs[0-9A-Za-z]+_").expect("valid"))
+        .replace_all(text, "${1}Cs_")
+        .into_owned()
+}
+
+/// The object's instructions and relocations, without file names or
+/// path-dependent symbol hashes.
 pub fn disassemble(obj: &Path) -> anyhow::Result<String> {
     let out = Command::new(objdump()?)
         .args(["-d", "-r", "--no-show-raw-insn"])
@@ -116,7 +129,7 @@ pub fn disassemble(obj: &Path) -> anyhow::Result<String> {
     if !out.status.success() {
         bail!("llvm-objdump failed on {}", obj.display());
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = without_crate_hashes(&String::from_utf8_lossy(&out.stdout));
     Ok(text
         .lines()
         .filter(|l| !l.contains("file format"))
@@ -147,4 +160,19 @@ pub fn check() -> anyhow::Result<()> {
         after.lines().count()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_crate_hashes;
+
+    #[test]
+    fn crate_hashes_of_two_checkouts_compare_equal() {
+        let a = "0000 <_RNvNtCsiUx22QdHYAn_5guard3udp4udp4>:\n if r8 == 0x0 goto +0xd0 <_RNvNtCsiUx22QdHYAn_5guard3udp4udp4+0x6d8>";
+        let b = "0000 <_RNvNtCs17Tt7QwrQtb_5guard3udp4udp4>:\n if r8 == 0x0 goto +0xd0 <_RNvNtCs17Tt7QwrQtb_5guard3udp4udp4+0x6d8>";
+        assert_eq!(without_crate_hashes(a), without_crate_hashes(b));
+        // Instructions still count.
+        let c = b.replace("0xd0", "0xd1");
+        assert_ne!(without_crate_hashes(a), without_crate_hashes(&c));
+    }
 }
