@@ -196,6 +196,8 @@ fn installed_unit_runs_a_ci_job_and_reports_it() {
     intercept: ["127.0.0.2/32", "127.0.0.3/32"],
     policy_dir: "{}",
     metrics: "127.0.0.1:{metrics_port}",
+    // Tests never reach a real resolver: a loopback port nothing serves.
+    dns: (upstream: ["127.0.0.1:9"]),
 )"#,
             state.display(),
             cg.path.display(),

@@ -153,6 +153,10 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// Where test agents forward DNS unless a test picks a resolver: the
+/// discard port on loopback, where nothing listens.
+pub const TEST_DNS_UPSTREAM: &str = "127.0.0.1:9";
+
 /// How to start an agent.
 #[derive(Clone, Debug, Default)]
 pub struct AgentOptions {
@@ -227,6 +231,16 @@ impl Agent {
             cmd.arg("--uid").arg(u.to_string());
         }
         cmd.args(&opts.extra_args);
+        let dns_chosen = opts
+            .extra_args
+            .iter()
+            .any(|a| a == "--dns-upstream" || a == "--no-dns" || a == "--config");
+        if !dns_chosen {
+            // Queries from test cgroups never reach the host's resolvers
+            // (tests send traffic to loopback only): forward them to a
+            // loopback port nothing serves.
+            cmd.args(["--dns-upstream", TEST_DNS_UPSTREAM]);
+        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
