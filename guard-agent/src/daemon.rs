@@ -29,7 +29,7 @@ use crate::{
     dlp::{DlpSettings, Engine, MaskKey},
     http::inspect::Inspector,
     intercept::listener::{self, Counters, InspectSettings, Intercept},
-    policy::{load_sources, PolicyError, PolicyStore},
+    policy::{load_dir, load_sources, PolicyError, PolicyStore},
     proc::ProcCache,
     store::{self, EventStore},
     tls::{
@@ -246,15 +246,27 @@ fn admin_gid(name: &str) -> Option<u32> {
         .map(|g| g.gid.as_raw())
 }
 
-/// Reloads the policy directory; a bad file keeps the last good policy.
-/// `why` says what triggered it (SIGHUP, a file change).
-fn reload_policy(cfg: &AgentConfig, store: &PolicyStore, why: &str) {
+/// Reloads the policy directory and rebuilds the DLP engine from its
+/// detector settings (custom detectors, allowlists, masks); a bad file or
+/// detector setting keeps the last good policy and engine. `why` says what
+/// triggered it (SIGHUP, a file change).
+fn reload_policy(cfg: &AgentConfig, inspect: &InspectSettings, why: &str) {
     let Some(dir) = &cfg.policy_dir else {
         tracing::info!("{why}: no policy directory configured; the built-in policy stays");
         return;
     };
-    match store.reload(dir) {
-        Ok(v) => tracing::info!(version = v, "{why}: policy reloaded"),
+    let compiled = load_dir(dir).map_err(|e| e.to_string()).and_then(|policy| {
+        let key = inspect.inspector.key.clone();
+        Engine::compile(&dlp_settings(policy.detectors()), key)
+            .map(|engine| (policy, engine))
+            .map_err(|e| e.to_string())
+    });
+    match compiled {
+        Ok((policy, engine)) => {
+            inspect.inspector.replace_engine(engine);
+            let v = inspect.policy.replace(policy);
+            tracing::info!(version = v, "{why}: policy reloaded");
+        }
         Err(e) => tracing::error!("{why}: policy not reloaded, the last good one stays: {e}"),
     }
 }
@@ -404,13 +416,13 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
-                reload_policy(&cfg, &inspect.policy, "SIGHUP");
+                reload_policy(&cfg, &inspect, "SIGHUP");
             }
             _ = poll.tick(), if stamp.is_some() => {
                 let now = cfg.policy_dir.as_deref().map(policy_stamp);
                 if now != stamp {
                     stamp = now;
-                    reload_policy(&cfg, &inspect.policy, "policy files changed");
+                    reload_policy(&cfg, &inspect, "policy files changed");
                 }
             }
         }

@@ -87,13 +87,26 @@ struct Edit {
     bytes: Vec<u8>,
 }
 
+/// Which findings are rewritten: `None` masks every finding; otherwise
+/// only those whose detector name the filter accepts (the others are
+/// reported but left in place).
+pub type MaskFilter<'a> = Option<&'a dyn Fn(&str) -> bool>;
+
 #[derive(Default)]
-struct Collector {
+struct Collector<'a> {
     findings: Vec<Finding>,
     edits: Vec<Edit>,
+    mask_only: MaskFilter<'a>,
 }
 
-impl Collector {
+impl<'a> Collector<'a> {
+    fn new(mask_only: MaskFilter<'a>) -> Self {
+        Collector {
+            mask_only,
+            ..Default::default()
+        }
+    }
+
     /// Records hits found in `decoded`, a value whose raw bytes start at
     /// `raw_start` in the inspected input; `map[i]` is the raw offset (from
     /// `raw_start`) of decoded byte `i`, `None` when decoded == raw.
@@ -114,6 +127,10 @@ impl Collector {
             let rs = raw_start + to_raw(h.range.start);
             let re = raw_start + to_raw(h.range.end);
             let f = engine.finding(h.det, &decoded[h.range.clone()], location.clone(), rs..re);
+            if self.mask_only.is_some_and(|keep| !keep(&f.detector)) {
+                self.findings.push(f);
+                continue;
+            }
             let (range, bytes) = match escape {
                 Escape::None => (rs..re, f.masked.as_bytes().to_vec()),
                 Escape::JsonString => (rs..re, json_escape(&f.masked)),
@@ -136,6 +153,7 @@ impl Collector {
 
     fn finish(mut self, input: &[u8]) -> (Vec<Finding>, Option<Vec<u8>>) {
         if self.edits.is_empty() {
+            self.findings.sort_by_key(|f| (f.range.start, f.range.end));
             return (self.findings, None);
         }
         self.edits.sort_by_key(|e| (e.range.start, e.range.end));
@@ -236,16 +254,28 @@ impl Engine {
         content_encoding: Option<&str>,
         body: &[u8],
     ) -> Result<Inspection, DlpError> {
+        self.inspect_body_scoped(content_type, content_encoding, body, None)
+    }
+
+    /// [`Engine::inspect_body`], rewriting only the findings `mask_only`
+    /// accepts (all are still reported).
+    pub fn inspect_body_scoped(
+        &self,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        body: &[u8],
+        mask_only: MaskFilter<'_>,
+    ) -> Result<Inspection, DlpError> {
         let codings = match content_encoding {
             Some(ce) => Encoding::parse_list(ce)?,
             None => Vec::new(),
         };
         let decoded = encoding::decode_all(&codings, body, self.max_decoded_bytes)?;
-        let mut c = Collector::default();
+        let mut c = Collector::new(mask_only);
         match BodyFormat::from_content_type(content_type) {
             BodyFormat::Json => {
                 if !self.collect_json(&decoded, &mut c) {
-                    c = Collector::default();
+                    c = Collector::new(mask_only);
                     self.collect_text(&decoded, 0, None, &Location::Text, &mut c);
                 }
             }
@@ -273,8 +303,18 @@ impl Engine {
     /// Inspects one header value; a secret-sounding header name
     /// (`X-Api-Key`) makes the whole value a generic-secret candidate.
     pub fn inspect_header(&self, name: &str, value: &[u8]) -> Inspection {
+        self.inspect_header_scoped(name, value, None)
+    }
+
+    /// [`Engine::inspect_header`], rewriting only what `mask_only` accepts.
+    pub fn inspect_header_scoped(
+        &self,
+        name: &str,
+        value: &[u8],
+        mask_only: MaskFilter<'_>,
+    ) -> Inspection {
         let lower = name.to_ascii_lowercase();
-        let mut c = Collector::default();
+        let mut c = Collector::new(mask_only);
         self.collect_text(
             value,
             0,
@@ -289,6 +329,11 @@ impl Engine {
     /// Inspects a request target (`/path?query`, or an absolute URL): the
     /// path and every query parameter. Ranges are in `target`.
     pub fn inspect_url(&self, target: &str) -> Inspection {
+        self.inspect_url_scoped(target, None)
+    }
+
+    /// [`Engine::inspect_url`], rewriting only what `mask_only` accepts.
+    pub fn inspect_url_scoped(&self, target: &str, mask_only: MaskFilter<'_>) -> Inspection {
         let raw = target.as_bytes();
         let (path_end, query) = match memchr::memchr(b'?', raw) {
             Some(q) => (q, Some(q + 1)),
@@ -296,7 +341,7 @@ impl Engine {
         };
         let query_end = memchr::memchr(b'#', raw).unwrap_or(raw.len());
         let path_end = path_end.min(query_end);
-        let mut c = Collector::default();
+        let mut c = Collector::new(mask_only);
         let path = &raw[..path_end];
         self.collect_encoded(path, 0, false, None, &Location::UrlPath, &mut c);
         if let Some(q) = query {

@@ -43,7 +43,7 @@ use std::sync::Arc;
 pub use detectors::{Detector, BUILTIN};
 pub use encoding::Encoding;
 pub use engine::{goes_home, Engine};
-pub use formats::{BodyFormat, Inspection};
+pub use formats::{BodyFormat, Inspection, MaskFilter};
 pub use mask::{fingerprint, token, MaskKey};
 pub use settings::{
     CustomDetectorSettings, DetectorClass, DlpSettings, MaskStyle, ValidatorSettings,
