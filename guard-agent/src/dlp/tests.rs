@@ -590,7 +590,10 @@ fn a_mask_filter_rewrites_only_the_named_detectors() {
     assert_eq!(found, ["credit-card", "email"], "both are reported");
     let masked = String::from_utf8(i.masked.expect("the card is masked")).unwrap();
     assert!(!masked.contains(&card), "{masked}");
-    assert!(masked.contains(email), "the email is recorded only: {masked}");
+    assert!(
+        masked.contains(email),
+        "the email is recorded only: {masked}"
+    );
     serde_json::from_str::<serde_json::Value>(&masked).expect("still JSON");
 
     // Nothing in scope: nothing rewritten, everything reported.

@@ -142,7 +142,8 @@ impl Inspector {
         let engine = self.engine.load();
         let engine: &Engine = &engine;
         let filter = mask_only.map(|f| move |det: &str| f(det, engine.goes_home(det, host)));
-        let filter: crate::dlp::MaskFilter<'_> = filter.as_ref().map(|f| f as &dyn Fn(&str) -> bool);
+        let filter: crate::dlp::MaskFilter<'_> =
+            filter.as_ref().map(|f| f as &dyn Fn(&str) -> bool);
         let mut out = RequestInspection::default();
         let add = |part: Part, findings: Vec<Finding>, out: &mut RequestInspection| {
             for f in findings {
