@@ -33,6 +33,7 @@ mod encoding;
 mod engine;
 mod formats;
 mod mask;
+mod prefilter;
 mod settings;
 mod stream;
 mod validators;
