@@ -74,15 +74,17 @@ fn main() {
         Some("inputs") => {
             let iters: usize = args.get(1).map_or(20, |s| s.parse().expect("ITERS"));
             let e = engine();
-            for (name, data, json) in [
-                ("text/clean", dlp_data::text(false), false),
-                ("text/dense", dlp_data::text(true), false),
-                ("json/clean", dlp_data::json(false), true),
-                ("json/dense", dlp_data::json(true), true),
-            ] {
+            let inputs: [(&str, fn() -> Vec<u8>, bool); 4] = [
+                ("text/clean", || dlp_data::text(false), false),
+                ("text/dense", || dlp_data::text(true), false),
+                ("json/clean", || dlp_data::json(false), true),
+                ("json/dense", || dlp_data::json(true), true),
+            ];
+            for (name, make, json) in inputs {
                 if args.get(2).is_some_and(|only| only != name) {
                     continue;
                 }
+                let data = make();
                 let run = || {
                     if json {
                         e.inspect_body(Some("application/json"), None, &data)

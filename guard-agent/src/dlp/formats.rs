@@ -4,7 +4,7 @@
 //! written back encoded the same way, so the result is still valid in its
 //! format.
 
-use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::ops::Range;
 
 use crate::dlp::encoding::{self, Encoding};
@@ -482,13 +482,27 @@ impl Engine {
     /// under secret-sounding keys are also scanned decoded. `false` if the
     /// body is not JSON.
     fn collect_json(&self, body: &[u8], c: &mut Collector) -> bool {
-        let Some(leaves) = json_leaves(body) else {
-            return false;
-        };
         let hits = self.detect(body, None);
-        let mut key_is_secret: HashMap<&[u8], bool> = HashMap::new();
+        // Whether a key sounds secret, by key: a small direct-mapped cache
+        // (keys repeat in arrays of objects; hashing each one costs more).
+        let mut key_is_secret: [Option<(&[u8], bool)>; 64] = [None; 64];
+        let mut secret_key = |k: Range<usize>| -> bool {
+            let k: &[u8] = &body[k];
+            let slot = (k.len() * 31
+                + usize::from(k.first().copied().unwrap_or(0)) * 7
+                + usize::from(k.last().copied().unwrap_or(0)))
+                % 64;
+            match key_is_secret[slot] {
+                Some((key, yes)) if key == k => yes,
+                _ => {
+                    let yes = self.field_name.is_match(k);
+                    key_is_secret[slot] = Some((k, yes));
+                    yes
+                }
+            }
+        };
         let mut hi = 0;
-        for leaf in &leaves {
+        let mut visit = |leaf: &Leaf, path: &str| {
             let raw = &body[leaf.range.clone()];
             // Whole-body hits that fall inside this leaf.
             while hi < hits.len() && hits[hi].range.start < leaf.range.start {
@@ -506,8 +520,11 @@ impl Engine {
                 }
                 j += 1;
             }
-            let location = Location::Json(leaf.path.clone());
+            let location = || Location::Json(path.to_owned());
             if !leaf.is_string {
+                if inside.is_empty() {
+                    return;
+                }
                 c.add(
                     self,
                     &inside,
@@ -515,18 +532,17 @@ impl Engine {
                     None,
                     raw,
                     leaf.range.start,
-                    &location,
+                    &location(),
                     Escape::JsonNumber,
                 );
-                continue;
+                return;
             }
-            let secret_key = leaf.key.as_ref().is_some_and(|k| {
-                *key_is_secret
-                    .entry(&body[k.clone()])
-                    .or_insert_with(|| self.field_name.is_match(&body[k.clone()]))
-            });
+            let secret_key = leaf.key.clone().is_some_and(&mut secret_key);
             let escaped = memchr::memchr(b'\\', raw).is_some();
             if !escaped && !secret_key {
+                if inside.is_empty() {
+                    return;
+                }
                 c.add(
                     self,
                     &inside,
@@ -534,10 +550,10 @@ impl Engine {
                     None,
                     raw,
                     leaf.range.start,
-                    &location,
+                    &location(),
                     Escape::JsonString,
                 );
-                continue;
+                return;
             }
             let (dec, map) = if escaped {
                 json_unescape(raw)
@@ -560,6 +576,9 @@ impl Engine {
                 });
             }
             let own = self.resolve(own);
+            if own.is_empty() {
+                return;
+            }
             c.add(
                 self,
                 &own,
@@ -567,11 +586,11 @@ impl Engine {
                 Some(&map),
                 raw,
                 leaf.range.start,
-                &location,
+                &location(),
                 Escape::JsonString,
             );
-        }
-        true
+        };
+        json_walk(body, &mut visit)
     }
 }
 
@@ -580,35 +599,38 @@ struct Leaf {
     /// number's token.
     range: Range<usize>,
     is_string: bool,
-    path: String,
     /// The object key this value sits under, raw, if any.
     key: Option<Range<usize>>,
 }
 
-/// Every string and number of a JSON document with its path. `None` if the
-/// bytes are not one JSON value (with surrounding whitespace).
-fn json_leaves(b: &[u8]) -> Option<Vec<Leaf>> {
+/// Calls `visit(leaf, path)` for every string and number of a JSON
+/// document, in order, with its path (`$.a.b[0]`). `false` if the bytes are
+/// not one JSON value (with surrounding whitespace); leaves before the
+/// error have been visited.
+fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &str)) -> bool {
     let mut p = JsonParser {
         b,
         i: 0,
-        leaves: Vec::new(),
+        visit,
         depth: 0,
     };
     let mut path = String::from("$");
     p.ws();
-    p.value(&mut path, None)?;
+    if p.value(&mut path, None).is_none() {
+        return false;
+    }
     p.ws();
-    (p.i == b.len()).then_some(p.leaves)
+    p.i == b.len()
 }
 
-struct JsonParser<'a> {
+struct JsonParser<'a, 'v> {
     b: &'a [u8],
     i: usize,
-    leaves: Vec<Leaf>,
+    visit: &'v mut dyn FnMut(&Leaf, &str),
     depth: usize,
 }
 
-impl JsonParser<'_> {
+impl JsonParser<'_, '_> {
     fn ws(&mut self) {
         while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
             self.i += 1;
@@ -642,12 +664,14 @@ impl JsonParser<'_> {
         match c {
             b'"' => {
                 let r = self.string()?;
-                self.leaves.push(Leaf {
-                    range: r,
-                    is_string: true,
-                    path: path.clone(),
-                    key,
-                });
+                (self.visit)(
+                    &Leaf {
+                        range: r,
+                        is_string: true,
+                        key,
+                    },
+                    path,
+                );
             }
             b'{' => {
                 self.i += 1;
@@ -690,7 +714,7 @@ impl JsonParser<'_> {
                     loop {
                         self.ws();
                         let len = path.len();
-                        path.push_str(&format!("[{n}]"));
+                        let _ = write!(path, "[{n}]");
                         self.value(path, None)?;
                         path.truncate(len);
                         n += 1;
@@ -727,12 +751,14 @@ impl JsonParser<'_> {
                 {
                     self.i += 1;
                 }
-                self.leaves.push(Leaf {
-                    range: s..self.i,
-                    is_string: false,
-                    path: path.clone(),
-                    key,
-                });
+                (self.visit)(
+                    &Leaf {
+                        range: s..self.i,
+                        is_string: false,
+                        key,
+                    },
+                    path,
+                );
             }
             _ => return None,
         }
