@@ -31,6 +31,37 @@ use crate::dlp::{DlpError, Finding, Location};
 /// How far before a custom detector's match one of its keywords may be.
 const KEYWORD_WINDOW: usize = 128;
 
+/// Whether a match of `pattern` needs its capture groups resolved to find
+/// the value: not when the pattern is one group with only zero-width
+/// assertions (`\b`, `^`) around it, e.g. `\b(ghp_[A-Za-z0-9]{36})\b`, where
+/// the group is the whole match. Resolving groups costs a second search.
+fn needs_captures(pattern: &str) -> bool {
+    use regex_syntax::hir::HirKind;
+    let config = syntax::Config::new().unicode(false).utf8(false);
+    let Ok(hir) = syntax::parse_with(pattern, &config) else {
+        return true;
+    };
+    let groups = |h: &regex_syntax::hir::Hir| h.properties().explicit_captures_len();
+    if groups(&hir) == 0 {
+        return false;
+    }
+    match hir.kind() {
+        HirKind::Capture(c) => groups(&c.sub) > 0,
+        HirKind::Concat(parts) => {
+            let mut seen = false;
+            for p in parts {
+                match p.kind() {
+                    HirKind::Look(_) => {}
+                    HirKind::Capture(c) if !seen && groups(&c.sub) == 0 => seen = true,
+                    _ => return true,
+                }
+            }
+            false
+        }
+        _ => true,
+    }
+}
+
 pub(crate) fn build_regex(patterns: &[&str]) -> Result<Regex, String> {
     Regex::builder()
         .syntax(syntax::Config::new().unicode(false).utf8(false))
@@ -265,10 +296,7 @@ impl Engine {
             detectors.push(Compiled {
                 name: Arc::from(d.name),
                 class: d.class,
-                has_groups: regex
-                    .group_info()
-                    .group_len(regex_automata::PatternID::ZERO)
-                    > 1,
+                has_groups: needs_captures(d.pattern),
                 regex,
                 validator: d.validator,
                 mask: settings.mask.get(d.name).copied().unwrap_or(d.mask),
@@ -310,10 +338,7 @@ impl Engine {
             detectors.push(Compiled {
                 name: Arc::from(c.name.as_str()),
                 class: c.class,
-                has_groups: regex
-                    .group_info()
-                    .group_len(regex_automata::PatternID::ZERO)
-                    > 1,
+                has_groups: needs_captures(&c.regex),
                 regex,
                 validator: c.validator.map(Validator::from).unwrap_or(Validator::None),
                 mask: settings.mask.get(&c.name).copied().unwrap_or(c.mask),
@@ -645,4 +670,20 @@ pub fn goes_home(detector: &str, host: &str) -> bool {
     homes
         .get(detector)
         .is_some_and(|g| g.is_match(normalize_host(host)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_captures;
+
+    #[test]
+    fn captures_are_skipped_only_when_the_group_is_the_match() {
+        assert!(!needs_captures(r"\b((?:AKIA|ASIA)[A-Z0-9]{16})\b"));
+        assert!(!needs_captures(r"(https://hooks\.slack\.com/[a-z]+)"));
+        assert!(!needs_captures(r"[0-9]{3}-[0-9]{2}"));
+        assert!(needs_captures(r"key=([a-z]+)"));
+        assert!(needs_captures(r"\b(npm_[a-z]{4})\b|_authToken=([a-z]+)"));
+        assert!(needs_captures(r"\b([a-z]+)(?:[^a-z]|$)"));
+        assert!(needs_captures(r"\b((a)b)\b"));
+    }
 }
