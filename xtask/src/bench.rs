@@ -64,6 +64,8 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context};
+#[path = "bench_dlp.rs"]
+mod dlp;
 use guard_harness::{command_in, Agent, AgentOptions, TestCgroup};
 use serde_json::{json, Value};
 
@@ -87,6 +89,8 @@ pub enum Mode {
     Rps,
     /// One upload of `--bytes` (bounded by `--max-secs`).
     Stream,
+    /// 64 KiB HTTP POSTs on one keep-alive connection (DLP masking cost).
+    Http64k,
 }
 
 /// Options of the hidden `bench-client` subcommand (one JSON line out).
@@ -112,6 +116,9 @@ pub struct ClientArgs {
     /// Upper bound on the upload's duration (stream).
     #[arg(long, default_value_t = 20.0)]
     max_secs: f64,
+    /// Put a card number in the body (http64k).
+    #[arg(long)]
+    card: bool,
 }
 
 /// Request and response size of the short-connection phase.
@@ -133,6 +140,7 @@ pub fn client(a: ClientArgs) -> anyhow::Result<()> {
         Mode::Latency => latency_client(&a)?,
         Mode::Rps => rps_client(&a)?,
         Mode::Stream => stream_client(&a)?,
+        Mode::Http64k => dlp::http_client(a.addr, a.n, a.warmup, a.card)?,
     };
     println!("{out}");
     Ok(())
@@ -533,6 +541,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     ensure!(agent_bin.exists(), "{} not found", agent_bin.display());
+    let scanner = dlp::build_scanner(&target_dir())?;
 
     let cg = TestCgroup::new("bench");
     let agent = Agent::start(AgentOptions {
@@ -583,6 +592,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             ("max-secs", sizes.stream_max_secs.to_string()),
         ]),
     )?;
+    let dlp_latency = dlp::latency(&mut b, if a.quick { 200 } else { 2000 })?;
     let peak_kib = sampler.finish();
     let hwm_kib = proc_kib(pid, "VmHWM").unwrap_or(0);
     // Does the memory come back once the connections are gone?
@@ -614,6 +624,16 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let md = results.markdown();
     print!("{md}");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    // After the agent is gone: the detector passes have the cores alone.
+    let dlp_tp = dlp::throughput(&scanner, &out_dir, a.quick)?;
+    let dlp_md = dlp::markdown(&dlp_tp, &dlp_latency);
+    print!("\n{dlp_md}");
+    write(&out_dir.join("dlp.md"), dlp_md.as_bytes())?;
+    write(
+        &out_dir.join("dlp.json"),
+        serde_json::to_string_pretty(&json!({"throughput": dlp_tp, "latency": dlp_latency}))?
+            .as_bytes(),
+    )?;
     write(&out_dir.join("l4.md"), md.as_bytes())?;
     write(
         &out_dir.join("l4.json"),
