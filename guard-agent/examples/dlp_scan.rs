@@ -40,6 +40,9 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
     (out, cpu_seconds() - c, w.elapsed().as_secs_f64())
 }
 
+/// A named input: its generator and whether it is JSON.
+type Input = (&'static str, fn() -> Vec<u8>, bool);
+
 fn engine() -> Engine {
     Engine::compile(&DlpSettings::default(), MaskKey::new([9; 32])).expect("default settings")
 }
@@ -74,7 +77,7 @@ fn main() {
         Some("inputs") => {
             let iters: usize = args.get(1).map_or(20, |s| s.parse().expect("ITERS"));
             let e = engine();
-            let inputs: [(&str, fn() -> Vec<u8>, bool); 4] = [
+            let inputs: [Input; 4] = [
                 ("text/clean", || dlp_data::text(false), false),
                 ("text/dense", || dlp_data::text(true), false),
                 ("json/clean", || dlp_data::json(false), true),

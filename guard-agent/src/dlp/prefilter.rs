@@ -45,6 +45,9 @@ pub(crate) enum Target {
     },
 }
 
+/// An anchor's full bytes and what to do when they are found.
+type Entry = (Box<[u8]>, Vec<Target>);
+
 /// Anchors of three bytes or more, found by their first three bytes.
 struct Group {
     /// SIMD multi-literal search (Teddy) over the distinct prefixes; `None`
@@ -52,7 +55,7 @@ struct Group {
     teddy: Option<packed::Searcher>,
     ac: AhoCorasick,
     /// Per prefix (pattern id), the anchors that start with it.
-    by_prefix: Vec<Vec<(Box<[u8]>, Vec<Target>)>>,
+    by_prefix: Vec<Vec<Entry>>,
 }
 
 impl Group {
@@ -61,7 +64,7 @@ impl Group {
             return Ok(None);
         }
         let mut prefixes: Vec<Vec<u8>> = Vec::new();
-        let mut by_prefix: Vec<Vec<(Box<[u8]>, Vec<Target>)>> = Vec::new();
+        let mut by_prefix: Vec<Vec<Entry>> = Vec::new();
         for (lit, targets) in list {
             let p = lit[..3].to_vec();
             let i = match prefixes.iter().position(|q| *q == p) {

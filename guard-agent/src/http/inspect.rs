@@ -21,6 +21,9 @@ pub const MAX_INSPECT_BYTES: usize = 8 << 20;
 /// Size of the body excerpts kept in events.
 pub const EXCERPT_BYTES: usize = 4096;
 
+/// Which findings to rewrite: `(detector, goes_home) -> mask it`.
+pub type MaskScopeFn<'a> = &'a dyn Fn(&str, bool) -> bool;
+
 /// The DLP engine and the host key for fingerprints and tokens. The engine
 /// is swapped whole when the policy's detector settings change (reload);
 /// each inspection uses one engine from start to end.
@@ -137,7 +140,7 @@ impl Inspector {
         parts: &Parts,
         body: &[u8],
         host: &str,
-        mask_only: Option<&dyn Fn(&str, bool) -> bool>,
+        mask_only: Option<MaskScopeFn<'_>>,
     ) -> RequestInspection {
         let engine = self.engine.load();
         let engine: &Engine = &engine;
