@@ -33,7 +33,7 @@ use crate::{
     dlp::{DlpSettings, Engine, MaskKey},
     http::inspect::Inspector,
     intercept::listener::{self, Counters, InspectSettings, Intercept},
-    policy::{load_sources, PolicyError, PolicyStore},
+    policy::{load_dir, load_sources, PolicyError, PolicyStore},
     proc::ProcCache,
     secrets::{Secrets, SecretsError},
     store::{self, AdminRecord, Event, EventKind, EventSink, EventStore},
@@ -261,12 +261,14 @@ fn admin_gid(name: &str) -> Option<u32> {
         .map(|g| g.gid.as_raw())
 }
 
-/// Reloads the policy directory; a bad file keeps the last good policy.
-/// `why` says what triggered it (SIGHUP, a file change). The outcome is
-/// recorded as a `policy_reload` event.
+/// Reloads the policy directory and rebuilds the DLP engine from its
+/// detector settings (custom detectors, allowlists, masks); a bad file or
+/// detector setting keeps the last good policy and engine. `why` says what
+/// triggered it (SIGHUP, a file change). The outcome is recorded as a
+/// `policy_reload` event.
 async fn reload_policy(
     cfg: &AgentConfig,
-    store: &PolicyStore,
+    inspect: &InspectSettings,
     stamp: &crate::policy::PolicyVersion,
     sink: &EventSink,
     why: &str,
@@ -275,8 +277,16 @@ async fn reload_policy(
         tracing::info!("{why}: no policy directory configured; the built-in policy stays");
         return;
     };
-    let (action, detail) = match store.reload(dir) {
-        Ok(v) => {
+    let compiled = load_dir(dir).map_err(|e| e.to_string()).and_then(|policy| {
+        let key = inspect.inspector.key.clone();
+        Engine::compile(&dlp_settings(policy.detectors()), key)
+            .map(|engine| (policy, engine))
+            .map_err(|e| e.to_string())
+    });
+    let (action, detail) = match compiled {
+        Ok((policy, engine)) => {
+            inspect.inspector.replace_engine(engine);
+            let v = inspect.policy.replace(policy);
             stamp.reloaded(v, dir);
             tracing::info!(version = v, "{why}: policy reloaded");
             (
@@ -601,13 +611,13 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             }
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
-                reload_policy(&cfg, &inspect.policy, &policy_version, &writer.sink, "SIGHUP").await;
+                reload_policy(&cfg, &inspect, &policy_version, &writer.sink, "SIGHUP").await;
             }
             _ = poll.tick(), if stamp.is_some() => {
                 let now = cfg.policy_dir.as_deref().map(policy_stamp);
                 if now != stamp {
                     stamp = now;
-                    reload_policy(&cfg, &inspect.policy, &policy_version, &writer.sink, "policy files changed").await;
+                    reload_policy(&cfg, &inspect, &policy_version, &writer.sink, "policy files changed").await;
                 }
             }
         }

@@ -26,6 +26,9 @@ const CARD_DIGITS: &str = "4111111111111111";
 const SSN: &str = "536-22-8147";
 const AWS_KEY: &str = "AKIAZ7QK3MXWB4PLR2TD";
 const GH_TOKEN: &str = "ghp_R8fK2mQ9xW4tL7vN3bH6jP1sD5gY0cZ8aE2u";
+const EMAIL: &str = "ada.lovelace@acme-corp.io";
+/// Matches the custom detector that `CUSTOM_DETECTOR` adds.
+const ZORK_TOKEN: &str = "zork_Q7mX2pL9vR4tK8wN3bH6jF1sD5gY0cZa";
 
 /// A policy directory holding `files` (name, text).
 fn policy_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
@@ -105,7 +108,9 @@ fn json_card_arrives_masked_and_still_json() {
     let dir = policy_dir(&[("default.ron", DEFAULT_POLICY)]);
     let agent = agent_with(&cg, dir.path());
 
-    let body = format!(r#"{{"name":"Ada","card":"{CARD}","note":"thanks"}}"#);
+    // The rule that applies masks cards only: the email is recorded, and
+    // arrives as it was sent.
+    let body = format!(r#"{{"name":"Ada","card":"{CARD}","note":"thanks","contact":"{EMAIL}"}}"#);
     let url = format!("http://{}/checkout", server.addr);
     curl_ok(
         &cg,
@@ -131,6 +136,10 @@ fn json_card_arrives_masked_and_still_json() {
     assert!(card.ends_with("1111"), "Last4 keeps the last four: {card}");
     assert_eq!(got["name"], "Ada");
     assert_eq!(got["note"], "thanks");
+    assert_eq!(
+        got["contact"], EMAIL,
+        "Mask(detectors: [cards...]) spares emails"
+    );
 
     let events = http_events(&agent, 1);
     let ev = find_event(&events, "/checkout");
@@ -146,6 +155,11 @@ fn json_card_arrives_masked_and_still_json() {
     assert_eq!(f["applied"], true);
     let masked = f["masked"].as_str().unwrap();
     assert!(masked.ends_with("1111") && !masked.contains("4111"), "{f}");
+    let e = findings
+        .iter()
+        .find(|f| f["detector"] == "email")
+        .unwrap_or_else(|| panic!("no email finding: {ev:#}"));
+    assert_eq!(e["applied"], false, "recorded only: {e}");
     let text = ev.to_string();
     assert!(
         !text.contains(CARD) && !text.contains(CARD_DIGITS),
@@ -547,6 +561,83 @@ const FIXED: &str = r#"Policy(
     ],
 )
 "#;
+
+const CUSTOM_DETECTOR: &str = r#"Policy(
+    name: "zork",
+    detectors: (
+        custom: [
+            (name: "zork-token", regex: "zork_[A-Za-z0-9]{32}", class: Secret),
+        ],
+    ),
+    rules: [],
+)
+"#;
+
+#[test]
+fn reload_rebuilds_the_detectors_and_a_bad_file_keeps_them() {
+    require_root();
+    let server = HttpServer::start(external_v4(0), "{}");
+    let cg = TestCgroup::new("pol-reload");
+    let dir = policy_dir(&[("10-default.ron", DEFAULT_POLICY)]);
+    let agent = agent_with(&cg, dir.path());
+    let send = |path: &str| {
+        curl_ok(
+            &cg,
+            &[
+                "-H",
+                "Content-Type: text/plain",
+                "--data-binary",
+                &format!("deploy with {ZORK_TOKEN} now"),
+                &format!("http://{}{path}", server.addr),
+            ],
+        );
+    };
+
+    // No such detector yet: the value leaves as it is.
+    send("/before");
+    assert!(contains(&server.requests()[0].body, ZORK_TOKEN.as_bytes()));
+
+    // A new file with a custom detector, picked up while the agent runs.
+    std::fs::write(dir.path().join("50-zork.ron"), CUSTOM_DETECTOR).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    wait_log(&agent, "policy reloaded", Duration::from_secs(10));
+    send("/after-reload");
+    let seen = server.requests();
+    assert_eq!(seen.len(), 2);
+    let body = String::from_utf8_lossy(&seen[1].body).into_owned();
+    assert!(
+        !body.contains(ZORK_TOKEN),
+        "custom detector not applied: {body}"
+    );
+    assert!(
+        body.starts_with("deploy with ") && body.ends_with(" now"),
+        "{body}"
+    );
+
+    // A broken file: the policy and its detectors both stay.
+    std::fs::write(dir.path().join("60-broken.ron"), TYPO).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    wait_log(&agent, "policy not reloaded", Duration::from_secs(10));
+    send("/after-bad-file");
+    let seen = server.requests();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        !contains(&seen[2].body, ZORK_TOKEN.as_bytes()),
+        "the custom detector was dropped by a failed reload"
+    );
+
+    let events = http_events(&agent, 3);
+    let ev = find_event(&events, "/after-reload");
+    assert_eq!(ev["verdict"], "mask", "{ev:#}");
+    assert_eq!(ev["policy"]["rule"], "secrets-leaving-home", "{ev:#}");
+    let f = &ev["findings"][0];
+    assert_eq!(f["detector"], "zork-token", "{ev:#}");
+    assert_eq!(f["applied"], true);
+    assert_eq!(find_event(&events, "/after-bad-file")["verdict"], "mask");
+    assert_eq!(find_event(&events, "/before")["verdict"], "allow");
+}
 
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: L4 passthrough cost, direct vs through Guard, in one
 //! run; then the HTTPS phases of [`crate::bench_https`] (direct vs Guard vs
-//! mitmproxy) with the same agent. `--only l4|https` runs one part.
+//! mitmproxy) with the same agent. `--only l4|https|dlp` runs one part.
 //!
 //! What runs where:
 //! - the **servers** run as threads in this xtask process (outside every
@@ -65,6 +65,8 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context};
+#[path = "bench_dlp.rs"]
+mod dlp;
 use guard_harness::{command_in, tls_server::TestCa, Agent, AgentOptions, TestCgroup};
 use serde_json::{json, Value};
 
@@ -89,6 +91,8 @@ pub enum Part {
     L4,
     /// HTTPS: keep-alive and new TLS connections, with mitmproxy.
     Https,
+    /// DLP: detector pass vs naive vs detect-secrets; 64 KiB masking latency.
+    Dlp,
 }
 
 /// What the hidden `bench-client` subcommand does.
@@ -104,6 +108,8 @@ pub enum Mode {
     HttpsKeepalive,
     /// HTTPS: a new connection (full handshake) per GET.
     HttpsHandshake,
+    /// 64 KiB HTTP POSTs on one keep-alive connection (DLP masking cost).
+    Http64k,
 }
 
 /// Options of the hidden `bench-client` subcommand (one JSON line out).
@@ -132,6 +138,9 @@ pub struct ClientArgs {
     /// Upper bound on the upload's duration (stream).
     #[arg(long, default_value_t = 20.0)]
     max_secs: f64,
+    /// Put a card number in the body (http64k).
+    #[arg(long)]
+    card: bool,
 }
 
 /// Request and response size of the short-connection phase.
@@ -155,6 +164,7 @@ pub fn client(a: ClientArgs) -> anyhow::Result<()> {
         Mode::Stream => stream_client(&a)?,
         Mode::HttpsKeepalive => crate::bench_https::keepalive_client(&a)?,
         Mode::HttpsHandshake => crate::bench_https::handshake_client(&a)?,
+        Mode::Http64k => dlp::http_client(a.addr, a.n, a.warmup, a.card)?,
     };
     println!("{out}");
     Ok(())
@@ -559,6 +569,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     ensure!(agent_bin.exists(), "{} not found", agent_bin.display());
+    let wants = |part: Part| a.only.is_none() || a.only == Some(part);
+    let scanner = if wants(Part::Dlp) {
+        Some(dlp::build_scanner(&target_dir())?)
+    } else {
+        None
+    };
 
     let cg = TestCgroup::new("bench");
     // The HTTPS server's CA, which the agent trusts upstream.
@@ -586,7 +602,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         agent_errors: Vec::new(),
     };
     std::fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
-    if a.only != Some(Part::Https) {
+    if wants(Part::L4) {
         run_l4(
             &mut b,
             &sizes,
@@ -597,7 +613,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             &out_dir,
         )?;
     }
-    if a.only != Some(Part::L4) {
+    if wants(Part::Https) {
         let https = crate::bench_https::run(&mut b, &ca, guard_ca, a.quick)?;
         let md = https.markdown();
         print!("{md}");
@@ -624,8 +640,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             out_dir.join("https.json").display()
         );
     }
+    let dlp_latency = match scanner {
+        Some(_) => Some(dlp::latency(&mut b, if a.quick { 200 } else { 2000 })?),
+        None => None,
+    };
     drop(b);
     drop(cg);
+    if let (Some(scanner), Some(dlp_latency)) = (scanner, dlp_latency) {
+        // After the agent is gone: the detector passes have the cores alone.
+        let dlp_tp = dlp::throughput(&scanner, &out_dir, a.quick)?;
+        let dlp_md = dlp::markdown(&dlp_tp, &dlp_latency);
+        print!("\n{dlp_md}");
+        write(&out_dir.join("dlp.md"), dlp_md.as_bytes())?;
+        write(
+            &out_dir.join("dlp.json"),
+            serde_json::to_string_pretty(&json!({"throughput": dlp_tp, "latency": dlp_latency}))?
+                .as_bytes(),
+        )?;
+        eprintln!("bench: wrote {}", out_dir.join("dlp.md").display());
+    }
     Ok(())
 }
 

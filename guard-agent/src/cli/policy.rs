@@ -205,7 +205,13 @@ fn explain(a: ExplainArgs) -> anyhow::Result<i32> {
     let findings: Vec<FindingRecord> = inspection
         .findings
         .iter()
-        .map(|l| l.record(&inspector, masking))
+        .map(|l| {
+            let applied = match &ex.decision.action {
+                Verdict::Mask(scope) => scope.applies_to(&l.finding.detector, l.goes_home),
+                _ => false,
+            };
+            l.record(&inspector, masking && applied)
+        })
         .collect();
     // Only ever show masked forms: the raw body and URL may hold secrets.
     let masked_url = inspection.url.clone();

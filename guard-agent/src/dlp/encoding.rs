@@ -130,15 +130,15 @@ fn bounded(r: impl Read, limit: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// Decodes through a list of codings (last applied, first undone).
-pub(crate) fn decode_all(
+pub(crate) fn decode_all<'d>(
     codings: &[Encoding],
-    data: &[u8],
+    data: &'d [u8],
     limit: usize,
-) -> Result<Vec<u8>, DlpError> {
-    let mut cur = data.to_vec();
+) -> Result<std::borrow::Cow<'d, [u8]>, DlpError> {
+    let mut cur = std::borrow::Cow::Borrowed(data);
     for c in codings.iter().rev() {
         if *c != Encoding::Identity {
-            cur = c.decode(&cur, limit)?;
+            cur = std::borrow::Cow::Owned(c.decode(&cur, limit)?);
         }
     }
     if cur.len() > limit {

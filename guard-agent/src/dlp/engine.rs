@@ -16,19 +16,51 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind as AcMatchKind};
+use aho_corasick::AhoCorasick;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use regex_automata::meta::Regex;
 use regex_automata::{util::syntax, Anchored, Input, Match};
 
 use crate::dlp::detectors::{Detector, BUILTIN, SECRET_FIELD_NAME, SECRET_PLACEHOLDERS};
 use crate::dlp::mask::{self, MaskKey};
+use crate::dlp::prefilter::{digit_clusters, Anchors, AnchorsBuilder};
 use crate::dlp::settings::{DetectorClass, DlpSettings, MaskStyle};
 use crate::dlp::validators::Validator;
 use crate::dlp::{DlpError, Finding, Location};
 
 /// How far before a custom detector's match one of its keywords may be.
 const KEYWORD_WINDOW: usize = 128;
+
+/// Whether a match of `pattern` needs its capture groups resolved to find
+/// the value: not when the pattern is one group with only zero-width
+/// assertions (`\b`, `^`) around it, e.g. `\b(ghp_[A-Za-z0-9]{36})\b`, where
+/// the group is the whole match. Resolving groups costs a second search.
+fn needs_captures(pattern: &str) -> bool {
+    use regex_syntax::hir::HirKind;
+    let config = syntax::Config::new().unicode(false).utf8(false);
+    let Ok(hir) = syntax::parse_with(pattern, &config) else {
+        return true;
+    };
+    let groups = |h: &regex_syntax::hir::Hir| h.properties().explicit_captures_len();
+    if groups(&hir) == 0 {
+        return false;
+    }
+    match hir.kind() {
+        HirKind::Capture(c) => groups(&c.sub) > 0,
+        HirKind::Concat(parts) => {
+            let mut seen = false;
+            for p in parts {
+                match p.kind() {
+                    HirKind::Look(_) => {}
+                    HirKind::Capture(c) if !seen && groups(&c.sub) == 0 => seen = true,
+                    _ => return true,
+                }
+            }
+            false
+        }
+        _ => true,
+    }
+}
 
 pub(crate) fn build_regex(patterns: &[&str]) -> Result<Regex, String> {
     Regex::builder()
@@ -50,20 +82,9 @@ pub(crate) struct Compiled {
     allow_regex: Option<Regex>,
     priority: u8,
     home: Option<GlobSet>,
-    /// Custom detector with keywords: a match needs one nearby.
-    keyword_gated: bool,
-}
-
-#[derive(Clone, Copy)]
-enum Target {
-    Confirm {
-        det: usize,
-        back: usize,
-        span: usize,
-    },
-    Keyword {
-        det: usize,
-    },
+    /// Custom detector with keywords: a match needs one of them (any
+    /// case) at most [`KEYWORD_WINDOW`] bytes before it.
+    keywords: Option<AhoCorasick>,
 }
 
 /// A candidate that passed its validator and allowlist: which detector and
@@ -79,10 +100,14 @@ pub(crate) struct Hit {
 pub struct Engine {
     pub(crate) detectors: Vec<Compiled>,
     by_name: HashMap<Arc<str>, usize>,
-    ac: Option<AhoCorasick>,
-    ac_targets: Vec<Vec<Target>>,
+    anchors: Anchors,
+    /// Built-in shapes (cards, IBANs, SSNs, phones): run only on the
+    /// windows `digit_clusters` gives.
     shape: Option<Regex>,
     shape_ids: Vec<usize>,
+    /// Custom detectors: run over everything.
+    custom: Option<Regex>,
+    custom_ids: Vec<usize>,
     pub(crate) field_name: Regex,
     generic: Option<usize>,
     pub(crate) key: MaskKey,
@@ -252,9 +277,11 @@ impl Engine {
         };
 
         let mut detectors = Vec::new();
-        let mut anchors: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+        let mut anchors = AnchorsBuilder::default();
         let mut shape_patterns: Vec<String> = Vec::new();
         let mut shape_ids = Vec::new();
+        let mut custom_patterns: Vec<String> = Vec::new();
+        let mut custom_ids = Vec::new();
 
         for d in BUILTIN.iter().filter(|d| enabled(d)) {
             let regex = build_regex(&[d.pattern]).map_err(|e| DlpError::BadCustom {
@@ -269,10 +296,7 @@ impl Engine {
             detectors.push(Compiled {
                 name: Arc::from(d.name),
                 class: d.class,
-                has_groups: regex
-                    .group_info()
-                    .group_len(regex_automata::PatternID::ZERO)
-                    > 1,
+                has_groups: needs_captures(d.pattern),
                 regex,
                 validator: d.validator,
                 mask: settings.mask.get(d.name).copied().unwrap_or(d.mask),
@@ -280,18 +304,19 @@ impl Engine {
                 allow_regex,
                 priority: d.priority,
                 home: compile_home(d.name, &home)?,
-                keyword_gated: false,
+                keywords: None,
             });
             match d.anchor {
                 Some(a) => {
+                    // Key words of case-insensitive detectors may come in
+                    // any case; other anchors appear as written.
+                    let any_case = d.pattern.starts_with("(?i)");
                     for lit in a.literals {
-                        anchors.entry(lit.to_ascii_lowercase()).or_default().push(
-                            Target::Confirm {
-                                det: idx,
-                                back: a.back,
-                                span: a.span,
-                            },
-                        );
+                        if any_case {
+                            anchors.word(lit, idx, a.back, a.span);
+                        } else {
+                            anchors.literal(lit, idx, a.back, a.span);
+                        }
                     }
                 }
                 None => {
@@ -313,10 +338,7 @@ impl Engine {
             detectors.push(Compiled {
                 name: Arc::from(c.name.as_str()),
                 class: c.class,
-                has_groups: regex
-                    .group_info()
-                    .group_len(regex_automata::PatternID::ZERO)
-                    > 1,
+                has_groups: needs_captures(&c.regex),
                 regex,
                 validator: c.validator.map(Validator::from).unwrap_or(Validator::None),
                 mask: settings.mask.get(&c.name).copied().unwrap_or(c.mask),
@@ -328,42 +350,42 @@ impl Engine {
                     2
                 },
                 home: compile_home(&c.name, &home)?,
-                keyword_gated: !c.keywords.is_empty(),
+                keywords: if c.keywords.is_empty() {
+                    None
+                } else {
+                    Some(
+                        AhoCorasick::builder()
+                            .ascii_case_insensitive(true)
+                            .build(&c.keywords)
+                            .map_err(|e| DlpError::BadCustom {
+                                name: c.name.clone(),
+                                what: format!("keywords: {e}"),
+                            })?,
+                    )
+                },
             });
-            for k in &c.keywords {
-                anchors
-                    .entry(k.to_ascii_lowercase())
-                    .or_default()
-                    .push(Target::Keyword { det: idx });
-            }
-            shape_patterns.push(c.regex.clone());
-            shape_ids.push(idx);
+            custom_patterns.push(c.regex.clone());
+            custom_ids.push(idx);
         }
 
-        let (ac, ac_targets) = if anchors.is_empty() {
-            (None, Vec::new())
-        } else {
-            let lits: Vec<&String> = anchors.keys().collect();
-            let ac = AhoCorasick::builder()
-                .ascii_case_insensitive(true)
-                .match_kind(AcMatchKind::Standard)
-                .kind(Some(AhoCorasickKind::DFA))
-                .build(&lits)
-                .map_err(|e| DlpError::BadSetting {
-                    field: "keywords",
-                    what: e.to_string(),
-                })?;
-            (Some(ac), anchors.into_values().collect())
+        let anchors = anchors.build().map_err(|e| DlpError::BadSetting {
+            field: "anchors",
+            what: e,
+        })?;
+        let combined = |patterns: &[String], what: &str| -> Result<Option<Regex>, DlpError> {
+            if patterns.is_empty() {
+                return Ok(None);
+            }
+            let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+            build_regex(&refs)
+                .map(Some)
+                .map_err(|e| DlpError::BadRegex {
+                    name: what.into(),
+                    reason: e.to_string(),
+                })
         };
-        let shape = if shape_patterns.is_empty() {
-            None
-        } else {
-            let refs: Vec<&str> = shape_patterns.iter().map(String::as_str).collect();
-            Some(build_regex(&refs).map_err(|e| DlpError::BadRegex {
-                name: "(the combined shape pass)".into(),
-                reason: e.to_string(),
-            })?)
-        };
+        let shape = combined(&shape_patterns, "(the combined shape pass)")?;
+        let custom = combined(&custom_patterns, "(the combined custom pass)")?;
         let by_name = detectors
             .iter()
             .enumerate()
@@ -373,10 +395,11 @@ impl Engine {
         Ok(Engine {
             detectors,
             by_name,
-            ac,
-            ac_targets,
+            anchors,
             shape,
             shape_ids,
+            custom,
+            custom_ids,
             field_name: build_regex(&[SECRET_FIELD_NAME])
                 .expect("built-in field-name regex compiles"),
             generic,
@@ -410,43 +433,21 @@ impl Engine {
     /// generic-secret candidate.
     pub(crate) fn detect(&self, hay: &[u8], field: Option<&str>) -> Vec<Hit> {
         let mut hits = Vec::new();
-        let mut keyword_at: Vec<(usize, usize)> = Vec::new();
-        if let Some(ac) = &self.ac {
-            for m in ac.find_overlapping_iter(hay) {
-                for t in &self.ac_targets[m.pattern().as_usize()] {
-                    match *t {
-                        Target::Confirm { det, back, span } => {
-                            self.confirm(det, hay, m.start(), back, span, &mut hits)
-                        }
-                        Target::Keyword { det } => keyword_at.push((det, m.start())),
-                    }
-                }
-            }
-        }
+        self.anchors.each(hay, |det, at, back, span| {
+            self.confirm(det, hay, at, back, span, &mut hits)
+        });
         if let Some(shape) = &self.shape {
-            let mut at = 0;
-            while at < hay.len() {
-                let Some(m) = shape.search(&Input::new(hay).range(at..)) else {
-                    break;
-                };
-                let det = self.shape_ids[m.pattern().as_usize()];
-                if !self.accept_gated(det, hay, m, &keyword_at, &mut hits) {
-                    // The first shape at this position failed its checks;
-                    // another may fit here (a phone that is no card).
-                    for &other in &self.shape_ids {
-                        if other == det {
-                            continue;
-                        }
-                        let input = Input::new(hay).range(m.start()..).anchored(Anchored::Yes);
-                        if let Some(m2) = self.detectors[other].regex.search(&input) {
-                            if self.accept_gated(other, hay, m2, &keyword_at, &mut hits) {
-                                break;
-                            }
-                        }
-                    }
+            let mut done = 0;
+            let mut runs = Vec::new();
+            digit_clusters(hay, &mut runs, |w| {
+                let from = w.start.max(done);
+                if from < w.end {
+                    done = self.shapes_in(shape, &self.shape_ids, hay, from..w.end, &mut hits);
                 }
-                at = m.end().max(at + 1);
-            }
+            });
+        }
+        if let Some(custom) = &self.custom {
+            self.shapes_in(custom, &self.custom_ids, hay, 0..hay.len(), &mut hits);
         }
         if let (Some(field), Some(g)) = (field, self.generic) {
             if (8..=256).contains(&hay.len())
@@ -463,6 +464,44 @@ impl Engine {
             }
         }
         self.resolve(hits)
+    }
+
+    /// Runs a combined shape regex (patterns `ids`) over `window`; returns
+    /// where it stopped.
+    fn shapes_in(
+        &self,
+        regex: &Regex,
+        ids: &[usize],
+        hay: &[u8],
+        window: Range<usize>,
+        hits: &mut Vec<Hit>,
+    ) -> usize {
+        let mut at = window.start;
+        while at < window.end {
+            let Some(m) = regex.search(&Input::new(hay).range(at..window.end)) else {
+                return window.end;
+            };
+            let det = ids[m.pattern().as_usize()];
+            if !self.accept_gated(det, hay, m, hits) {
+                // The first shape at this position failed its checks;
+                // another may fit here (a phone that is no card).
+                for &other in ids {
+                    if other == det {
+                        continue;
+                    }
+                    let input = Input::new(hay)
+                        .range(m.start()..window.end)
+                        .anchored(Anchored::Yes);
+                    if let Some(m2) = self.detectors[other].regex.search(&input) {
+                        if self.accept_gated(other, hay, m2, hits) {
+                            break;
+                        }
+                    }
+                }
+            }
+            at = m.end().max(at + 1);
+        }
+        at
     }
 
     fn confirm(
@@ -494,20 +533,10 @@ impl Engine {
         }
     }
 
-    fn accept_gated(
-        &self,
-        det: usize,
-        hay: &[u8],
-        m: Match,
-        keyword_at: &[(usize, usize)],
-        out: &mut Vec<Hit>,
-    ) -> bool {
-        if self.detectors[det].keyword_gated {
+    fn accept_gated(&self, det: usize, hay: &[u8], m: Match, out: &mut Vec<Hit>) -> bool {
+        if let Some(kw) = &self.detectors[det].keywords {
             let lo = m.start().saturating_sub(KEYWORD_WINDOW);
-            if !keyword_at
-                .iter()
-                .any(|&(d, p)| d == det && p >= lo && p < m.end())
-            {
+            if kw.find(&hay[lo..m.end()]).is_none() {
                 return false;
             }
         }
@@ -641,4 +670,20 @@ pub fn goes_home(detector: &str, host: &str) -> bool {
     homes
         .get(detector)
         .is_some_and(|g| g.is_match(normalize_host(host)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_captures;
+
+    #[test]
+    fn captures_are_skipped_only_when_the_group_is_the_match() {
+        assert!(!needs_captures(r"\b((?:AKIA|ASIA)[A-Z0-9]{16})\b"));
+        assert!(!needs_captures(r"(https://hooks\.slack\.com/[a-z]+)"));
+        assert!(!needs_captures(r"[0-9]{3}-[0-9]{2}"));
+        assert!(needs_captures(r"key=([a-z]+)"));
+        assert!(needs_captures(r"\b(npm_[a-z]{4})\b|_authToken=([a-z]+)"));
+        assert!(needs_captures(r"\b([a-z]+)(?:[^a-z]|$)"));
+        assert!(needs_captures(r"\b((a)b)\b"));
+    }
 }

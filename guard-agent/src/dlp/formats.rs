@@ -4,7 +4,7 @@
 //! written back encoded the same way, so the result is still valid in its
 //! format.
 
-use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::ops::Range;
 
 use crate::dlp::encoding::{self, Encoding};
@@ -87,13 +87,26 @@ struct Edit {
     bytes: Vec<u8>,
 }
 
+/// Which findings are rewritten: `None` masks every finding; otherwise
+/// only those whose detector name the filter accepts (the others are
+/// reported but left in place).
+pub type MaskFilter<'a> = Option<&'a dyn Fn(&str) -> bool>;
+
 #[derive(Default)]
-struct Collector {
+struct Collector<'a> {
     findings: Vec<Finding>,
     edits: Vec<Edit>,
+    mask_only: MaskFilter<'a>,
 }
 
-impl Collector {
+impl<'a> Collector<'a> {
+    fn new(mask_only: MaskFilter<'a>) -> Self {
+        Collector {
+            mask_only,
+            ..Default::default()
+        }
+    }
+
     /// Records hits found in `decoded`, a value whose raw bytes start at
     /// `raw_start` in the inspected input; `map[i]` is the raw offset (from
     /// `raw_start`) of decoded byte `i`, `None` when decoded == raw.
@@ -114,6 +127,10 @@ impl Collector {
             let rs = raw_start + to_raw(h.range.start);
             let re = raw_start + to_raw(h.range.end);
             let f = engine.finding(h.det, &decoded[h.range.clone()], location.clone(), rs..re);
+            if self.mask_only.is_some_and(|keep| !keep(&f.detector)) {
+                self.findings.push(f);
+                continue;
+            }
             let (range, bytes) = match escape {
                 Escape::None => (rs..re, f.masked.as_bytes().to_vec()),
                 Escape::JsonString => (rs..re, json_escape(&f.masked)),
@@ -136,6 +153,7 @@ impl Collector {
 
     fn finish(mut self, input: &[u8]) -> (Vec<Finding>, Option<Vec<u8>>) {
         if self.edits.is_empty() {
+            self.findings.sort_by_key(|f| (f.range.start, f.range.end));
             return (self.findings, None);
         }
         self.edits.sort_by_key(|e| (e.range.start, e.range.end));
@@ -236,16 +254,28 @@ impl Engine {
         content_encoding: Option<&str>,
         body: &[u8],
     ) -> Result<Inspection, DlpError> {
+        self.inspect_body_scoped(content_type, content_encoding, body, None)
+    }
+
+    /// [`Engine::inspect_body`], rewriting only the findings `mask_only`
+    /// accepts (all are still reported).
+    pub fn inspect_body_scoped(
+        &self,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        body: &[u8],
+        mask_only: MaskFilter<'_>,
+    ) -> Result<Inspection, DlpError> {
         let codings = match content_encoding {
             Some(ce) => Encoding::parse_list(ce)?,
             None => Vec::new(),
         };
         let decoded = encoding::decode_all(&codings, body, self.max_decoded_bytes)?;
-        let mut c = Collector::default();
+        let mut c = Collector::new(mask_only);
         match BodyFormat::from_content_type(content_type) {
             BodyFormat::Json => {
                 if !self.collect_json(&decoded, &mut c) {
-                    c = Collector::default();
+                    c = Collector::new(mask_only);
                     self.collect_text(&decoded, 0, None, &Location::Text, &mut c);
                 }
             }
@@ -273,8 +303,18 @@ impl Engine {
     /// Inspects one header value; a secret-sounding header name
     /// (`X-Api-Key`) makes the whole value a generic-secret candidate.
     pub fn inspect_header(&self, name: &str, value: &[u8]) -> Inspection {
+        self.inspect_header_scoped(name, value, None)
+    }
+
+    /// [`Engine::inspect_header`], rewriting only what `mask_only` accepts.
+    pub fn inspect_header_scoped(
+        &self,
+        name: &str,
+        value: &[u8],
+        mask_only: MaskFilter<'_>,
+    ) -> Inspection {
         let lower = name.to_ascii_lowercase();
-        let mut c = Collector::default();
+        let mut c = Collector::new(mask_only);
         self.collect_text(
             value,
             0,
@@ -289,6 +329,11 @@ impl Engine {
     /// Inspects a request target (`/path?query`, or an absolute URL): the
     /// path and every query parameter. Ranges are in `target`.
     pub fn inspect_url(&self, target: &str) -> Inspection {
+        self.inspect_url_scoped(target, None)
+    }
+
+    /// [`Engine::inspect_url`], rewriting only what `mask_only` accepts.
+    pub fn inspect_url_scoped(&self, target: &str, mask_only: MaskFilter<'_>) -> Inspection {
         let raw = target.as_bytes();
         let (path_end, query) = match memchr::memchr(b'?', raw) {
             Some(q) => (q, Some(q + 1)),
@@ -296,7 +341,7 @@ impl Engine {
         };
         let query_end = memchr::memchr(b'#', raw).unwrap_or(raw.len());
         let path_end = path_end.min(query_end);
-        let mut c = Collector::default();
+        let mut c = Collector::new(mask_only);
         let path = &raw[..path_end];
         self.collect_encoded(path, 0, false, None, &Location::UrlPath, &mut c);
         if let Some(q) = query {
@@ -437,13 +482,27 @@ impl Engine {
     /// under secret-sounding keys are also scanned decoded. `false` if the
     /// body is not JSON.
     fn collect_json(&self, body: &[u8], c: &mut Collector) -> bool {
-        let Some(leaves) = json_leaves(body) else {
-            return false;
-        };
         let hits = self.detect(body, None);
-        let mut key_is_secret: HashMap<&[u8], bool> = HashMap::new();
+        // Whether a key sounds secret, by key: a small direct-mapped cache
+        // (keys repeat in arrays of objects; hashing each one costs more).
+        let mut key_is_secret: [Option<(&[u8], bool)>; 64] = [None; 64];
+        let mut secret_key = |k: Range<usize>| -> bool {
+            let k: &[u8] = &body[k];
+            let slot = (k.len() * 31
+                + usize::from(k.first().copied().unwrap_or(0)) * 7
+                + usize::from(k.last().copied().unwrap_or(0)))
+                % 64;
+            match key_is_secret[slot] {
+                Some((key, yes)) if key == k => yes,
+                _ => {
+                    let yes = self.field_name.is_match(k);
+                    key_is_secret[slot] = Some((k, yes));
+                    yes
+                }
+            }
+        };
         let mut hi = 0;
-        for leaf in &leaves {
+        let mut visit = |leaf: &Leaf, path: &str| {
             let raw = &body[leaf.range.clone()];
             // Whole-body hits that fall inside this leaf.
             while hi < hits.len() && hits[hi].range.start < leaf.range.start {
@@ -461,8 +520,11 @@ impl Engine {
                 }
                 j += 1;
             }
-            let location = Location::Json(leaf.path.clone());
+            let location = || Location::Json(path.to_owned());
             if !leaf.is_string {
+                if inside.is_empty() {
+                    return;
+                }
                 c.add(
                     self,
                     &inside,
@@ -470,18 +532,17 @@ impl Engine {
                     None,
                     raw,
                     leaf.range.start,
-                    &location,
+                    &location(),
                     Escape::JsonNumber,
                 );
-                continue;
+                return;
             }
-            let secret_key = leaf.key.as_ref().is_some_and(|k| {
-                *key_is_secret
-                    .entry(&body[k.clone()])
-                    .or_insert_with(|| self.field_name.is_match(&body[k.clone()]))
-            });
+            let secret_key = leaf.key.clone().is_some_and(&mut secret_key);
             let escaped = memchr::memchr(b'\\', raw).is_some();
             if !escaped && !secret_key {
+                if inside.is_empty() {
+                    return;
+                }
                 c.add(
                     self,
                     &inside,
@@ -489,10 +550,10 @@ impl Engine {
                     None,
                     raw,
                     leaf.range.start,
-                    &location,
+                    &location(),
                     Escape::JsonString,
                 );
-                continue;
+                return;
             }
             let (dec, map) = if escaped {
                 json_unescape(raw)
@@ -515,6 +576,9 @@ impl Engine {
                 });
             }
             let own = self.resolve(own);
+            if own.is_empty() {
+                return;
+            }
             c.add(
                 self,
                 &own,
@@ -522,11 +586,11 @@ impl Engine {
                 Some(&map),
                 raw,
                 leaf.range.start,
-                &location,
+                &location(),
                 Escape::JsonString,
             );
-        }
-        true
+        };
+        json_walk(body, &mut visit)
     }
 }
 
@@ -535,35 +599,38 @@ struct Leaf {
     /// number's token.
     range: Range<usize>,
     is_string: bool,
-    path: String,
     /// The object key this value sits under, raw, if any.
     key: Option<Range<usize>>,
 }
 
-/// Every string and number of a JSON document with its path. `None` if the
-/// bytes are not one JSON value (with surrounding whitespace).
-fn json_leaves(b: &[u8]) -> Option<Vec<Leaf>> {
+/// Calls `visit(leaf, path)` for every string and number of a JSON
+/// document, in order, with its path (`$.a.b[0]`). `false` if the bytes are
+/// not one JSON value (with surrounding whitespace); leaves before the
+/// error have been visited.
+fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &str)) -> bool {
     let mut p = JsonParser {
         b,
         i: 0,
-        leaves: Vec::new(),
+        visit,
         depth: 0,
     };
     let mut path = String::from("$");
     p.ws();
-    p.value(&mut path, None)?;
+    if p.value(&mut path, None).is_none() {
+        return false;
+    }
     p.ws();
-    (p.i == b.len()).then_some(p.leaves)
+    p.i == b.len()
 }
 
-struct JsonParser<'a> {
+struct JsonParser<'a, 'v> {
     b: &'a [u8],
     i: usize,
-    leaves: Vec<Leaf>,
+    visit: &'v mut dyn FnMut(&Leaf, &str),
     depth: usize,
 }
 
-impl JsonParser<'_> {
+impl JsonParser<'_, '_> {
     fn ws(&mut self) {
         while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
             self.i += 1;
@@ -597,12 +664,14 @@ impl JsonParser<'_> {
         match c {
             b'"' => {
                 let r = self.string()?;
-                self.leaves.push(Leaf {
-                    range: r,
-                    is_string: true,
-                    path: path.clone(),
-                    key,
-                });
+                (self.visit)(
+                    &Leaf {
+                        range: r,
+                        is_string: true,
+                        key,
+                    },
+                    path,
+                );
             }
             b'{' => {
                 self.i += 1;
@@ -645,7 +714,7 @@ impl JsonParser<'_> {
                     loop {
                         self.ws();
                         let len = path.len();
-                        path.push_str(&format!("[{n}]"));
+                        let _ = write!(path, "[{n}]");
                         self.value(path, None)?;
                         path.truncate(len);
                         n += 1;
@@ -682,12 +751,14 @@ impl JsonParser<'_> {
                 {
                     self.i += 1;
                 }
-                self.leaves.push(Leaf {
-                    range: s..self.i,
-                    is_string: false,
-                    path: path.clone(),
-                    key,
-                });
+                (self.visit)(
+                    &Leaf {
+                        range: s..self.i,
+                        is_string: false,
+                        key,
+                    },
+                    path,
+                );
             }
             _ => return None,
         }

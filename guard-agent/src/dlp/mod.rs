@@ -33,6 +33,7 @@ mod encoding;
 mod engine;
 mod formats;
 mod mask;
+mod prefilter;
 mod settings;
 mod stream;
 mod validators;
@@ -43,7 +44,7 @@ use std::sync::Arc;
 pub use detectors::{Detector, BUILTIN};
 pub use encoding::Encoding;
 pub use engine::{goes_home, Engine};
-pub use formats::{BodyFormat, Inspection};
+pub use formats::{BodyFormat, Inspection, MaskFilter};
 pub use mask::{fingerprint, token, MaskKey};
 pub use settings::{
     CustomDetectorSettings, DetectorClass, DlpSettings, MaskStyle, ValidatorSettings,

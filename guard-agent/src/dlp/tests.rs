@@ -569,3 +569,42 @@ fn a_secret_in_a_form_field_name_is_found_and_masked() {
     assert!(!String::from_utf8_lossy(&masked).contains("AKIAZ3MHQ7X2LPVWRT5K"));
     assert!(String::from_utf8_lossy(&masked).ends_with("note=hello"));
 }
+
+#[test]
+fn a_mask_filter_rewrites_only_the_named_detectors() {
+    let e = engine();
+    let card = luhn_complete("411111", 16);
+    let email = "jane.doe@acme-corp.io";
+    let body = format!(r#"{{"card":"{card}","contact":"{email}"}}"#);
+    let only_cards = |det: &str| det == "credit-card";
+    let i = e
+        .inspect_body_scoped(
+            Some("application/json"),
+            None,
+            body.as_bytes(),
+            Some(&only_cards),
+        )
+        .unwrap();
+    let mut found: Vec<&str> = i.findings.iter().map(|f| &*f.detector).collect();
+    found.sort();
+    assert_eq!(found, ["credit-card", "email"], "both are reported");
+    let masked = String::from_utf8(i.masked.expect("the card is masked")).unwrap();
+    assert!(!masked.contains(&card), "{masked}");
+    assert!(
+        masked.contains(email),
+        "the email is recorded only: {masked}"
+    );
+    serde_json::from_str::<serde_json::Value>(&masked).expect("still JSON");
+
+    // Nothing in scope: nothing rewritten, everything reported.
+    let none = |_: &str| false;
+    let i = e.inspect_url_scoped(&format!("/p?c={card}&e={email}"), Some(&none));
+    assert_eq!(i.findings.len(), 2);
+    assert_eq!(i.masked, None);
+    let i = e.inspect_header_scoped("x-card", card.as_bytes(), Some(&only_cards));
+    assert!(i.masked.is_some_and(|m| !contains(&m, card.as_bytes())));
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use http::{request::Parts, HeaderName, HeaderValue};
 
 use crate::{
@@ -19,9 +21,14 @@ pub const MAX_INSPECT_BYTES: usize = 8 << 20;
 /// Size of the body excerpts kept in events.
 pub const EXCERPT_BYTES: usize = 4096;
 
-/// The DLP engine and the host key for fingerprints and tokens.
+/// Which findings to rewrite: `(detector, goes_home) -> mask it`.
+pub type MaskScopeFn<'a> = &'a dyn Fn(&str, bool) -> bool;
+
+/// The DLP engine and the host key for fingerprints and tokens. The engine
+/// is swapped whole when the policy's detector settings change (reload);
+/// each inspection uses one engine from start to end.
 pub struct Inspector {
-    pub engine: Engine,
+    engine: ArcSwap<Engine>,
     pub key: MaskKey,
 }
 
@@ -101,15 +108,49 @@ impl Located {
 
 impl Inspector {
     pub fn new(engine: Engine, key: MaskKey) -> Arc<Self> {
-        Arc::new(Self { engine, key })
+        Arc::new(Self {
+            engine: ArcSwap::from_pointee(engine),
+            key,
+        })
     }
 
-    /// Inspects a request: target, every header, and the (buffered) body.
+    /// The engine in use now.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.load_full()
+    }
+
+    /// Serves `engine` from now on (policy reload); inspections under way
+    /// finish with the engine they started with.
+    pub fn replace_engine(&self, engine: Engine) {
+        self.engine.store(Arc::new(engine));
+    }
+
+    /// Inspects a request: target, every header, and the (buffered) body;
+    /// every finding is masked in the rewritten parts.
     pub fn inspect_request(&self, parts: &Parts, body: &[u8], host: &str) -> RequestInspection {
+        self.inspect_request_scoped(parts, body, host, None)
+    }
+
+    /// [`Inspector::inspect_request`], rewriting only the findings for
+    /// which `mask_only(detector, goes_home)` holds (a `Mask` verdict that
+    /// names detectors, or spares credentials going home); every finding
+    /// is still reported.
+    pub fn inspect_request_scoped(
+        &self,
+        parts: &Parts,
+        body: &[u8],
+        host: &str,
+        mask_only: Option<MaskScopeFn<'_>>,
+    ) -> RequestInspection {
+        let engine = self.engine.load();
+        let engine: &Engine = &engine;
+        let filter = mask_only.map(|f| move |det: &str| f(det, engine.goes_home(det, host)));
+        let filter: crate::dlp::MaskFilter<'_> =
+            filter.as_ref().map(|f| f as &dyn Fn(&str) -> bool);
         let mut out = RequestInspection::default();
         let add = |part: Part, findings: Vec<Finding>, out: &mut RequestInspection| {
             for f in findings {
-                let goes_home = self.engine.goes_home(&f.detector, host);
+                let goes_home = engine.goes_home(&f.detector, host);
                 out.findings.push(Located {
                     finding: f,
                     part: part.clone(),
@@ -118,12 +159,12 @@ impl Inspector {
             }
         };
         if let Some(pq) = parts.uri.path_and_query() {
-            let i = self.engine.inspect_url(pq.as_str());
+            let i = engine.inspect_url_scoped(pq.as_str(), filter);
             out.url = i.masked.map(|m| String::from_utf8_lossy(&m).into_owned());
             add(Part::Url, i.findings, &mut out);
         }
         for (name, value) in parts.headers.iter() {
-            let i = self.engine.inspect_header(name.as_str(), value.as_bytes());
+            let i = engine.inspect_header_scoped(name.as_str(), value.as_bytes(), filter);
             if let Some(m) = i.masked {
                 out.headers.push((name.clone(), m));
             }
@@ -138,7 +179,7 @@ impl Inspector {
                 .headers
                 .get(http::header::CONTENT_ENCODING)
                 .and_then(|v| v.to_str().ok());
-            match self.engine.inspect_body(ct, ce, body) {
+            match engine.inspect_body_scoped(ct, ce, body, filter) {
                 Ok(i) => {
                     out.body = i.masked;
                     add(Part::Body, i.findings, &mut out);
@@ -152,7 +193,7 @@ impl Inspector {
     /// Masks every finding in `data` (for excerpts and header values in
     /// events, whatever the policy said about forwarding).
     pub fn mask_for_record(&self, data: &[u8]) -> Option<Vec<u8>> {
-        self.engine.scan_text(data).masked
+        self.engine.load().scan_text(data).masked
     }
 
     /// A body excerpt for an event: the first [`EXCERPT_BYTES`], masked. The

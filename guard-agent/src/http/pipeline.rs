@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{
     body::{buffer_up_to, chain, full, Buffered, PipeBody, RecordingBody},
     headers::{record_headers, strip_hop_by_hop},
-    inspect::{Inspector, RequestInspection, EXCERPT_BYTES, MAX_INSPECT_BYTES},
+    inspect::{Inspector, Located, RequestInspection, EXCERPT_BYTES, MAX_INSPECT_BYTES},
     upstream::{Upstream, UpstreamFailure},
 };
 use crate::{
@@ -238,7 +238,7 @@ async fn handle(
     };
 
     // 2. Inspect.
-    let inspection = ctx
+    let mut inspection = ctx
         .inspector
         .inspect_request(&parts, &body_bytes, &home_host);
     if rest.is_some() {
@@ -297,11 +297,25 @@ async fn handle(
             .iter()
             .any(|l| scope.applies_to(&l.finding.detector, l.goes_home))
     });
+    let applied = |l: &Located| {
+        mask.as_ref()
+            .is_some_and(|s| s.applies_to(&l.finding.detector, l.goes_home))
+    };
     ev.findings = inspection
         .findings
         .iter()
-        .map(|l| l.record(&ctx.inspector, masking))
+        .map(|l| l.record(&ctx.inspector, applied(l)))
         .collect();
+    // A scope that leaves some findings alone (named detectors, secrets
+    // going home): rewrite only the others.
+    if masking && !inspection.findings.iter().all(applied) {
+        if let Some(scope) = &mask {
+            let keep = |det: &str, home: bool| scope.applies_to(det, home);
+            inspection =
+                ctx.inspector
+                    .inspect_request_scoped(&parts, &body_bytes, &home_host, Some(&keep));
+        }
+    }
     let excerpt_src = if masking {
         inspection.body.as_deref()
     } else {
