@@ -73,6 +73,11 @@ fn is_agent(pid: i32) -> bool {
         .is_some_and(|n| n.starts_with("guard-agent"))
 }
 
+/// The pid of the live agent of `state_dir`, if one runs.
+pub fn running_agent(state_dir: &Path) -> Option<i32> {
+    read_pid(&pid_file(state_dir)).filter(|&pid| pid as u32 != std::process::id() && is_agent(pid))
+}
+
 /// Hands the running agent of `state_dir` over and waits until it has
 /// exited. Returns its pid, or None when no agent was running.
 pub async fn take_over(state_dir: &Path) -> Result<Option<i32>, TakeoverError> {

@@ -162,6 +162,73 @@ fn a_killed_agent_in_enforce_mode_fails_closed_until_the_next_start_takes_over()
     assert_eq!(paths_seen(&server).last().unwrap(), "/direct");
 }
 
+/// What `systemctl stop` does (the unit's KillSignal is SIGUSR2): the agent
+/// exits leaving its programs attached, monitored connects are refused, and
+/// `guard-agent detach` is how an operator turns Guard off. While an agent
+/// runs, `detach` refuses to touch its attachments.
+#[test]
+fn a_handover_stop_stays_closed_until_detach() {
+    require_root();
+    let server = HttpServer::start(external_v4(0), "ok");
+    let monitored = TestCgroup::new("detach");
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().join("state");
+    let mut agent = Agent::start(options(vec![monitored.path.clone()], &state_dir, &[]));
+    let pins = pin_dir(&agent);
+    let _cleanup = PinCleanup(pins.clone());
+    let url = |p: &str| format!("http://{}/{p}", server.addr);
+    assert!(curl_at(&monitored.path, &url("before")).status.success());
+
+    let detach = || {
+        Command::new(guard_harness::agent_bin())
+            .args(["detach", "--state-dir"])
+            .arg(&state_dir)
+            .output()
+            .unwrap()
+    };
+    let out = detach();
+    assert!(
+        !out.status.success(),
+        "detach must refuse while the agent runs"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(curl_at(&monitored.path, &url("still-inspected"))
+        .status
+        .success());
+
+    let st = agent.stop_with(libc::SIGUSR2);
+    assert!(st.success(), "a handover stop exits cleanly: {st}");
+    assert!(
+        pins.exists(),
+        "a handover stop leaves the programs attached"
+    );
+    assert_eq!(connect_in(&monitored.path, server.addr), "ECONNREFUSED");
+
+    let out = detach();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("detached"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!pins.exists(), "detach removes the pins");
+    assert!(curl_at(&monitored.path, &url("after-detach"))
+        .status
+        .success());
+    assert_eq!(
+        paths_seen(&server),
+        vec!["/before", "/still-inspected", "/after-detach"]
+    );
+}
+
 #[test]
 fn fail_open_lets_traffic_go_direct_once_the_heartbeat_is_stale() {
     require_root();

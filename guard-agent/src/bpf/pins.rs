@@ -267,6 +267,19 @@ pub fn remove_generation(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Detaches every link that agents of `state_dir` left pinned (after a
+/// crash or a handover stop) and removes their pins. Returns how many links
+/// it detached. Only for when no agent of `state_dir` runs.
+pub fn release_instance(state_dir: &Path) -> io::Result<usize> {
+    let instance = instance_dir(state_dir);
+    let mut n = 0;
+    for dir in other_generations(&instance, "") {
+        n += remove_generation(&dir)?;
+    }
+    remove_empty_dirs(&instance);
+    Ok(n)
+}
+
 /// Removes the instance directory when empty. `/sys/fs/bpf/guard` itself
 /// stays: another instance may be creating its directory in it right now.
 pub fn remove_empty_dirs(instance: &Path) {

@@ -7,6 +7,7 @@
 
 mod approvals;
 mod ca;
+mod detach;
 mod events;
 mod events_export;
 mod events_show;
@@ -60,6 +61,8 @@ pub enum Command {
     Uninstall(install::UninstallArgs),
     /// Summarise a time window (a CI job): destinations, processes, blocked and masked.
     Report(report::ReportArgs),
+    /// Take the kernel programs a stopped agent left attached (fail closed) off the cgroups.
+    Detach(detach::DetachArgs),
 }
 
 /// Where the state (store, admin socket) lives.
@@ -220,6 +223,7 @@ pub fn main() -> i32 {
         Command::Run(a) => run_agent(*a).map(|_| 0),
         Command::Events(a) => events::run(a).map(|_| 0),
         Command::Status(a) => status::run(a).map(|_| 0),
+        Command::Detach(a) => detach::run(a).map(|_| 0),
         Command::Exec(a) => exec::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Ca(a) => ca::run(a),

@@ -479,6 +479,16 @@ pub fn uninstall(t: &Target, purge: bool, out: &mut impl Write) -> anyhow::Resul
             t.root.display()
         ))?;
     }
+    if t.is_host() {
+        // The stopped unit left its programs attached (fail closed).
+        log.did(format!(
+            "detach the kernel programs the stopped agent of {} left attached",
+            state_dir.display()
+        ))?;
+        if !t.dry_run && crate::handover::running_agent(&state_dir).is_none() {
+            crate::bpf::pins::release_instance(&state_dir)?;
+        }
+    }
     if unit_path.exists() {
         log.did(format!("remove {}", unit_path.display()))?;
         if !t.dry_run {

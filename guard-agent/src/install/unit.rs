@@ -123,9 +123,13 @@ pub fn unit_file(p: &UnitParams<'_>) -> String {
     u.push_str(
         "# SIGHUP reloads the policy directory.\n\
          ExecReload=/bin/kill -HUP $MAINPID\n\
-         # SIGTERM: detach, let open connections finish (5 s), flush the store.\n\
-         KillSignal=SIGTERM\n\
-         TimeoutStopSec=20s\n\
+         # Stop and restart are handovers (SIGUSR2): the agent stops accepting,\n\
+         # drains open connections (up to 60 s) and exits leaving its programs\n\
+         # attached, so monitored connections are refused, never sent out\n\
+         # uninspected, until the next start takes over. To turn Guard off:\n\
+         # `systemctl stop guard-agent && guard-agent detach`.\n\
+         KillSignal=SIGUSR2\n\
+         TimeoutStopSec=75s\n\
          Restart=on-failure\n\
          RestartSec=2s\n\
          \n\
@@ -224,7 +228,7 @@ mod tests {
             ("RuntimeDirectory", "guard"),
             ("ReadWritePaths", "/sys/fs/cgroup -/sys/fs/bpf"),
             ("UMask", "0077"),
-            ("KillSignal", "SIGTERM"),
+            ("KillSignal", "SIGUSR2"),
             ("WantedBy", "multi-user.target"),
         ] {
             assert_eq!(directive(&u, k), v, "{k}");
