@@ -356,46 +356,13 @@ pub(crate) fn load_events(
     state_dir: &std::path::Path,
     filter: &EventFilter,
 ) -> anyhow::Result<Vec<Event>> {
-    let sock = AgentConfig::admin_socket(state_dir);
-    let from_agent = cli_runtime()?.block_on(async {
-        let req = Request::Events {
-            filter: filter.clone(),
-            follow: false,
-        };
-        let mut client = match AdminClient::request(&sock, &req).await {
-            Ok(c) => c,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(socket_error(&sock, e)),
-        };
-        let mut events = Vec::new();
-        while let Some(resp) = client.next().await? {
-            match resp {
-                Response::Event(e) => events.push(*e),
-                Response::End => return Ok(Some(events)),
-                Response::Error { message } => bail!("{message}"),
-                other => bail!("unexpected response from the agent: {other:?}"),
-            }
-        }
-        bail!("the agent closed the connection before the end of the listing")
+    let state = StateDirArg {
+        state_dir: state_dir.to_owned(),
+    };
+    let mut events = Vec::new();
+    for_each_event(&state, filter, false, |e| {
+        events.push(e);
+        Ok(())
     })?;
-    if let Some(events) = from_agent {
-        return Ok(events);
-    }
-    let path = AgentConfig::store_dir(state_dir);
-    if !path.exists() {
-        bail!(
-            "no event store at {} (has the agent run with this state directory?)",
-            path.display()
-        );
-    }
-    let store = EventStore::open(&path)
-        .with_context(|| "reading the store directly (no agent is running)")?;
-    Ok(store.query(filter)?)
+    Ok(events)
 }

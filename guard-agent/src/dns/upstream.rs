@@ -86,9 +86,23 @@ pub async fn forward_udp(
     mark: u32,
     timeout: Duration,
 ) -> Result<(Vec<u8>, SocketAddr), ForwardError> {
+    first_answer(upstreams, timeout, |up| ask_udp(query, up, mark)).await
+}
+
+/// Asks each upstream in turn with `ask`, each within `timeout`; returns the
+/// first answer and who gave it, or the last failure.
+async fn first_answer<F, Fut>(
+    upstreams: &[SocketAddr],
+    timeout: Duration,
+    ask: F,
+) -> Result<(Vec<u8>, SocketAddr), ForwardError>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>, ForwardError>>,
+{
     let mut last = ForwardError::NoUpstream;
     for &up in upstreams {
-        match tokio::time::timeout(timeout, ask_udp(query, up, mark)).await {
+        match tokio::time::timeout(timeout, ask(up)).await {
             Ok(Ok(answer)) => return Ok((answer, up)),
             Ok(Err(e)) => last = e,
             Err(_) => {
@@ -133,20 +147,7 @@ pub async fn forward_tcp(
     mark: u32,
     timeout: Duration,
 ) -> Result<(Vec<u8>, SocketAddr), ForwardError> {
-    let mut last = ForwardError::NoUpstream;
-    for &up in upstreams {
-        match tokio::time::timeout(timeout, ask_tcp(query, up, mark)).await {
-            Ok(Ok(answer)) => return Ok((answer, up)),
-            Ok(Err(e)) => last = e,
-            Err(_) => {
-                last = ForwardError::Upstream {
-                    upstream: up,
-                    message: format!("no answer within {}s", timeout.as_secs()),
-                }
-            }
-        }
-    }
-    Err(last)
+    first_answer(upstreams, timeout, |up| ask_tcp(query, up, mark)).await
 }
 
 async fn ask_tcp(query: &[u8], up: SocketAddr, mark: u32) -> Result<Vec<u8>, ForwardError> {

@@ -7,59 +7,18 @@
 
 use std::{
     io,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    task::{Context, Poll},
+    sync::{atomic::Ordering, Arc},
     time::Instant,
 };
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::store::{Event, EventSink};
-
-/// A stream that counts the bytes read from it.
-struct CountReads<T> {
-    inner: T,
-    read: Arc<AtomicU64>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for CountReads<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
-        res
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for CountReads<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+use crate::{
+    intercept::splice::{ByteCounts, CountingIo},
+    store::{Event, EventSink},
+};
 
 /// Carries an upgraded connection both ways until either side closes, then
 /// records the exchange's event (received on `event` once the 101 response
@@ -78,18 +37,12 @@ pub async fn carry(
 ) {
     let (c, u) = tokio::join!(client_side, upstream_side);
     let session_start = Instant::now();
-    let out = Arc::new(AtomicU64::new(0));
-    let inn = Arc::new(AtomicU64::new(0));
+    // Read from the client: out; written to it: in.
+    let counts = Arc::new(ByteCounts::default());
     let error = match (c, u) {
         (Ok(c), Ok(u)) => {
-            let mut client = CountReads {
-                inner: TokioIo::new(c),
-                read: Arc::clone(&out),
-            };
-            let mut upstream = CountReads {
-                inner: TokioIo::new(u),
-                read: Arc::clone(&inn),
-            };
+            let mut client = CountingIo::new(TokioIo::new(c), Arc::clone(&counts));
+            let mut upstream = TokioIo::new(u);
             tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
                     Ok(_) => None,
@@ -107,8 +60,8 @@ pub async fn carry(
     let Ok(mut ev) = event.await else { return };
     if let Some(h) = ev.http.as_mut() {
         h.upgrade_ms = Some(session_start.elapsed().as_secs_f64() * 1000.0);
-        h.upgrade_bytes_out = out.load(Ordering::Relaxed);
-        h.upgrade_bytes_in = inn.load(Ordering::Relaxed);
+        h.upgrade_bytes_out = counts.out.load(Ordering::Relaxed);
+        h.upgrade_bytes_in = counts.inbound.load(Ordering::Relaxed);
     }
     if let Some(e) = error {
         ev.error.get_or_insert(e);
