@@ -317,6 +317,48 @@ async fn reload_policy(
     sink.record(ev).await;
 }
 
+/// Rereads the secrets file (SIGHUP): a file that fails its checks keeps
+/// the secrets in force. Recorded as a `policy_reload` event that names the
+/// secrets, never their values.
+async fn reload_secrets(cfg: &AgentConfig, secrets: &arc_swap::ArcSwap<Secrets>, sink: &EventSink) {
+    let Some(path) = &cfg.secrets_file else {
+        return;
+    };
+    let (action, detail, failed) = match Secrets::load(path) {
+        Ok(s) => {
+            let names = s.names();
+            tracing::info!(file = %path.display(), secrets = ?names, "SIGHUP: secrets reloaded");
+            secrets.store(Arc::new(s));
+            (
+                "secrets_reload",
+                format!("SIGHUP: secrets {names:?} from {}", path.display()),
+                false,
+            )
+        }
+        Err(e) => {
+            tracing::error!("SIGHUP: secrets not reloaded, the ones in force stay: {e}");
+            (
+                "secrets_reload_failed",
+                format!("SIGHUP: the secrets in force stay: {e}"),
+                true,
+            )
+        }
+    };
+    let mut ev = Event::admin(
+        EventKind::PolicyReload,
+        AdminRecord {
+            action: action.into(),
+            detail: Some(detail.clone()),
+            ..Default::default()
+        },
+    );
+    if failed {
+        ev.verdict = store::Verdict::Error;
+        ev.error = Some(detail);
+    }
+    sink.record(ev).await;
+}
+
 /// How often the policy directory is checked for changed files.
 const POLICY_POLL: Duration = Duration::from_secs(2);
 
@@ -429,6 +471,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         }
         None => Secrets::none(),
     };
+    let secrets = Arc::new(arc_swap::ArcSwap::from_pointee(secrets));
     let approvals = Arc::new(Approvals::new(
         writer.sink.clone(),
         Notifier::new(
@@ -516,7 +559,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         mark: cfg.mark,
         inspect: Arc::clone(&inspect),
         approvals: Arc::clone(&approvals),
-        secrets: Arc::new(secrets),
+        secrets: Arc::clone(&secrets),
     });
     let mut tasks = Vec::new();
     for l in [v4, v6].into_iter().flatten() {
@@ -612,6 +655,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
                 reload_policy(&cfg, &inspect, &policy_version, &writer.sink, "SIGHUP").await;
+                reload_secrets(&cfg, &secrets, &writer.sink).await;
             }
             _ = poll.tick(), if stamp.is_some() => {
                 let now = cfg.policy_dir.as_deref().map(policy_stamp);

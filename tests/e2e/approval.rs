@@ -881,6 +881,104 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
     }
 }
 
+/// Key rotation without a restart: SIGHUP rereads the secrets file; a file
+/// that fails its checks keeps the key in force; both are recorded, and
+/// neither key reaches the store.
+#[test]
+fn sighup_rotates_injected_secrets_and_a_loose_file_keeps_the_old_ones() {
+    require_root();
+    const ROTATED: &str = "gk_live_R0tat3dK3yVv9Lq2Xc8";
+    let server = HttpServer::start(external_v4(0), r#"{"ok":true}"#);
+    let cg = TestCgroup::new("appr-rotate");
+    let dir = policy_dir(HOLD_POLICY);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = secrets_file(tmp.path(), 0o600);
+    let mut agent = start_agent(
+        &cg,
+        dir.path(),
+        &["--secrets-file", file.to_str().unwrap()],
+        AgentOptions::default(),
+    );
+    let key_seen = |path: &str| -> String {
+        let out = run_curl(&cg, &[&format!("http://{}{path}", server.addr)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = server.requests();
+        let r = seen
+            .iter()
+            .rev()
+            .find(|r| r.path == path)
+            .expect("request seen");
+        r.headers
+            .iter()
+            .find(|(k, _)| k == "x-api-key")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(key_seen("/api/before"), API_KEY);
+
+    // Rotate: same file, new value, SIGHUP.
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(API_KEY, ROTATED);
+    std::fs::write(&file, &text).unwrap();
+    let pid = agent.pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        if key_seen(&format!("/api/rotated-{n}")) == ROTATED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated key was never injected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A loosened file is refused on reload; the rotated key stays.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        let evs = agent.events(&["--kind", "policy_reload"]);
+        if let Some(e) = evs
+            .iter()
+            .find(|e| e["admin"]["action"] == "secrets_reload_failed")
+        {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no failed secrets reload event");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("0644"),
+        "{failed:#}"
+    );
+    assert_eq!(key_seen("/api/after-loose"), ROTATED);
+    let evs = agent.events(&["--kind", "policy_reload"]);
+    assert!(evs.iter().any(|e| e["admin"]["action"] == "secrets_reload"));
+
+    let status = agent.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let bytes = all_bytes_under(&agent.state_dir);
+    for key in [API_KEY, ROTATED] {
+        assert!(
+            !contains(&bytes, key.as_bytes()),
+            "a key reached the state dir"
+        );
+        assert!(!contains(agent.log_text().as_bytes(), key.as_bytes()));
+    }
+}
+
 #[test]
 fn https_credentials_follow_the_verified_server_name_not_the_host_header() {
     require_root();

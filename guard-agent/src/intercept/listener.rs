@@ -94,7 +94,8 @@ pub struct Intercept {
     /// Holds for `RequireApproval` requests.
     pub approvals: Arc<crate::approval::Approvals>,
     /// Credentials injected on the way out.
-    pub secrets: Arc<crate::secrets::Secrets>,
+    /// Credential injection; swapped whole when SIGHUP reloads the file.
+    pub secrets: Arc<arc_swap::ArcSwap<crate::secrets::Secrets>>,
 }
 
 /// What the inspecting paths need besides the L4 ones.
@@ -454,7 +455,7 @@ fn conn_context(
         sink: ctx.sink.clone(),
         facts,
         approvals: Arc::clone(&ctx.approvals),
-        secrets: Arc::clone(&ctx.secrets),
+        secrets: ctx.secrets.load_full(),
     })
 }
 
