@@ -265,10 +265,12 @@ fn admin_gid(name: &str) -> Option<u32> {
 /// detector settings (custom detectors, allowlists, masks); a bad file or
 /// detector setting keeps the last good policy and engine. `why` says what
 /// triggered it (SIGHUP, a file change). The outcome is recorded as a
-/// `policy_reload` event.
+/// `policy_reload` event. The policy's UDP rules reach the kernel before the
+/// new policy is served; if they cannot, the reload fails as a whole.
 async fn reload_policy(
     cfg: &AgentConfig,
     inspect: &InspectSettings,
+    udp_rules: &crate::bpf::udp::UdpRuleTable,
     stamp: &crate::policy::PolicyVersion,
     sink: &EventSink,
     why: &str,
@@ -282,6 +284,12 @@ async fn reload_policy(
         Engine::compile(&dlp_settings(policy.detectors()), key)
             .map(|engine| (policy, engine))
             .map_err(|e| e.to_string())
+    });
+    let compiled = compiled.and_then(|(policy, engine)| {
+        udp_rules
+            .apply(&cfg.udp, policy.udp_rules())
+            .map(|_| (policy, engine))
+            .map_err(|e| format!("its UDP rules could not be applied: {e}"))
     });
     let (action, detail) = match compiled {
         Ok((policy, engine)) => {
@@ -487,6 +495,9 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
 
     let (mut programs, table) = KernelPrograms::load(&cfg)?;
     let dns_peers = programs.dns_peers()?;
+    // The policy's UDP rules are in the kernel before anything is attached.
+    let udp_rules = programs.udp_rules(&cfg.udp)?;
+    udp_rules.apply(&cfg.udp, inspect.policy.current().udp_rules())?;
     // The exec parent inherits the programs when it lies below a monitored
     // cgroup; attaching it again would run every program twice.
     let exec_inherits = cfg.cgroups.iter().any(|c| exec_parent.starts_with(c));
@@ -654,14 +665,14 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             }
             _ = hup.recv() => {
                 stamp = cfg.policy_dir.as_deref().map(policy_stamp);
-                reload_policy(&cfg, &inspect, &policy_version, &writer.sink, "SIGHUP").await;
+                reload_policy(&cfg, &inspect, &udp_rules, &policy_version, &writer.sink, "SIGHUP").await;
                 reload_secrets(&cfg, &secrets, &writer.sink).await;
             }
             _ = poll.tick(), if stamp.is_some() => {
                 let now = cfg.policy_dir.as_deref().map(policy_stamp);
                 if now != stamp {
                     stamp = now;
-                    reload_policy(&cfg, &inspect, &policy_version, &writer.sink, "policy files changed").await;
+                    reload_policy(&cfg, &inspect, &udp_rules, &policy_version, &writer.sink, "policy files changed").await;
                 }
             }
         }

@@ -2,10 +2,17 @@
 //! resolver listens (`DNS_CONFIG`), which UDP destinations are refused
 //! (`UDP_RULES`), and "who sent this DNS query" (`DNS_BY_PEER`).
 //!
+//! `UDP_RULES` holds the configuration's `udp_block`/`udp_allow` (QUIC
+//! refused by default) plus the policy's `protocol: [Udp]` rules; for the
+//! same destination key the policy wins. A reload updates the map entry by
+//! entry, changed and new entries first and stale ones last, so an entry
+//! both policies share (the QUIC block) is never missing.
+//!
 //! This module must never write a UDP rule that was not in the validated
-//! configuration, nor point the DNS redirect anywhere but loopback.
+//! configuration or policy, nor point the DNS redirect anywhere but loopback.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::Mutex,
 };
@@ -18,6 +25,10 @@ use ipnet::IpNet;
 
 use super::{map_err, peer_key, BpfError, KernelPrograms};
 use crate::dns::settings::{UdpRule, UdpRules};
+use crate::policy::{schema::PortRange, UdpPolicyRule};
+
+/// `UDP_RULES` contents: (prefix length, key data) → verdict.
+pub type UdpEntries = BTreeMap<(u32, [u8; UDP_RULE_KEY_LEN]), u8>;
 
 /// Entries `UDP_RULES` holds at most (port ranges are expanded).
 pub const MAX_UDP_RULES: usize = 4096;
@@ -104,7 +115,117 @@ pub fn udp_rule_entries(
     Ok(out)
 }
 
+/// What `UDP_RULES` must hold: the configuration's entries, then the
+/// policy's UDP rules on top (same key: the policy wins; two policy rules
+/// with the same key: the first in rule order wins).
+pub fn merged_udp_entries(
+    config: &UdpRules,
+    policy: &[UdpPolicyRule],
+) -> Result<UdpEntries, String> {
+    let mut out: UdpEntries = udp_rule_entries(config)?
+        .into_iter()
+        .map(|(prefix, key, verdict)| ((prefix, key), verdict))
+        .collect();
+    for rule in policy.iter().rev() {
+        let verdict = if rule.allow { UDP_ALLOW } else { UDP_BLOCK };
+        let nets: Vec<Option<IpNet>> = if rule.nets.is_empty() {
+            vec![None]
+        } else {
+            rule.nets.iter().copied().map(Some).collect()
+        };
+        let ports: Vec<Option<PortRange>> = if rule.ports.is_empty() {
+            vec![None]
+        } else {
+            rule.ports.iter().copied().map(Some).collect()
+        };
+        for &net in &nets {
+            for &port in &ports {
+                let one = UdpRules {
+                    block: vec![UdpRule { net, port }],
+                    allow: Vec::new(),
+                };
+                for (prefix, key, _) in udp_rule_entries(&one)? {
+                    out.insert((prefix, key), verdict);
+                }
+            }
+        }
+        if out.len() > MAX_UDP_RULES {
+            return Err(format!(
+                "the configuration's and the policy's UDP rules need more than {MAX_UDP_RULES} kernel entries (narrow the port ranges)"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The live `UDP_RULES` map and what was last written to it; the daemon
+/// applies each (re)loaded policy through it.
+pub struct UdpRuleTable {
+    inner: Mutex<(LpmTrie<MapData, [u8; UDP_RULE_KEY_LEN], u8>, UdpEntries)>,
+}
+
+impl UdpRuleTable {
+    /// Makes the map hold `config` plus `policy`'s UDP rules. New and changed
+    /// entries are written before stale ones are removed, so a destination
+    /// refused before and after is refused throughout. On `Err` nothing was
+    /// changed (too many entries) or the map was restored as far as the
+    /// kernel allowed (a write failed).
+    pub fn apply(&self, config: &UdpRules, policy: &[UdpPolicyRule]) -> Result<usize, BpfError> {
+        let want = merged_udp_entries(config, policy).map_err(|message| BpfError::Map {
+            map: "UDP_RULES",
+            message,
+        })?;
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (trie, have) = &mut *guard;
+        if let Err(e) = write_entries(trie, have, &want) {
+            let restore = have.clone();
+            let _ = write_entries(trie, &want, &restore);
+            return Err(e);
+        }
+        *have = want;
+        Ok(have.len())
+    }
+}
+
+/// Turns a map holding `have` into one holding `want`: upserts, then removals.
+fn write_entries(
+    trie: &mut LpmTrie<MapData, [u8; UDP_RULE_KEY_LEN], u8>,
+    have: &UdpEntries,
+    want: &UdpEntries,
+) -> Result<(), BpfError> {
+    for (&(prefix, data), &verdict) in want {
+        if have.get(&(prefix, data)) != Some(&verdict) {
+            trie.insert(&Key::new(prefix, data), verdict, 0)
+                .map_err(map_err("UDP_RULES"))?;
+        }
+    }
+    for &(prefix, data) in have.keys() {
+        if !want.contains_key(&(prefix, data)) {
+            trie.remove(&Key::new(prefix, data))
+                .map_err(map_err("UDP_RULES"))?;
+        }
+    }
+    Ok(())
+}
+
 impl KernelPrograms {
+    /// The `UDP_RULES` map (once), holding the configuration's entries as
+    /// `fill_udp_maps` wrote them; apply the policy's rules through it.
+    pub fn udp_rules(&mut self, config: &UdpRules) -> Result<UdpRuleTable, BpfError> {
+        let map = self.ebpf.take_map("UDP_RULES").ok_or(BpfError::Map {
+            map: "UDP_RULES",
+            message: "missing from the object, or already taken".into(),
+        })?;
+        let trie = LpmTrie::try_from(map).map_err(map_err("UDP_RULES"))?;
+        let have = merged_udp_entries(config, &[]).map_err(|message| BpfError::Map {
+            map: "UDP_RULES",
+            message,
+        })?;
+        Ok(UdpRuleTable {
+            inner: Mutex::new((trie, have)),
+        })
+    }
+
     /// Fills `DNS_CONFIG` and `UDP_RULES`; called before the programs load.
     pub(super) fn fill_udp_maps(
         ebpf: &mut aya::Ebpf,
@@ -196,7 +317,6 @@ fn canonical(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::schema::PortRange;
 
     fn rule(net: Option<&str>, port: Option<(u16, u16)>) -> UdpRule {
         UdpRule {

@@ -49,6 +49,8 @@ pub struct CompiledPolicy {
     pub(crate) detectors: DetectorSettings,
     pub(crate) files: Vec<PathBuf>,
     pub(crate) version: u64,
+    /// Rules listing `protocol: [Udp]`, in rule order, for the kernel.
+    pub(crate) udp: Vec<super::udp::UdpPolicyRule>,
 }
 
 #[derive(Debug)]
@@ -140,14 +142,14 @@ impl CompiledPolicy {
 
 /// Where a problem is: the file, the rule (if any), and a byte offset from
 /// which to look for the offending quoted value to find its line.
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     file: &'a ParsedFile,
     rule: Option<&'a str>,
     from: usize,
 }
 
 impl Ctx<'_> {
-    fn err(&self, needle: Option<&str>, message: String) -> PolicyError {
+    pub(crate) fn err(&self, needle: Option<&str>, message: String) -> PolicyError {
         let offset = needle.and_then(|n| find_quoted(&self.file.text, self.from, n));
         // Without the value, point at the rule (or custom detector) itself.
         let offset = offset.or(if self.rule.is_some() || self.from > 0 {
@@ -239,6 +241,7 @@ pub(crate) fn compile(files: &[ParsedFile]) -> Result<CompiledPolicy, PolicyErro
     let settings = merge_detector_settings(files, &detectors)?;
 
     let mut rules = Vec::new();
+    let mut udp = Vec::new();
     let mut seen: HashMap<&str, &ParsedFile> = HashMap::new();
     for (index, file) in files.iter().enumerate() {
         let mut cursor = 0;
@@ -269,7 +272,11 @@ pub(crate) fn compile(files: &[ParsedFile]) -> Result<CompiledPolicy, PolicyErro
                     ),
                 ));
             }
-            rules.push(compile_rule(&ctx, index, rule, &detectors)?);
+            let compiled = compile_rule(&ctx, index, rule, &detectors)?;
+            if let Some(u) = super::udp::udp_rule(&ctx, &compiled)? {
+                udp.push(u);
+            }
+            rules.push(compiled);
         }
     }
 
@@ -300,6 +307,7 @@ pub(crate) fn compile(files: &[ParsedFile]) -> Result<CompiledPolicy, PolicyErro
         detectors: settings,
         files: files.iter().map(|f| f.path.clone()).collect(),
         version: 0,
+        udp,
     })
 }
 

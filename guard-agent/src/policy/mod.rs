@@ -36,7 +36,8 @@
 //! - `compile.rs`: validation, combining files, building matchers;
 //! - `decide.rs`: the hot path, `RequestFacts` in, `Decision` out;
 //! - `explain.rs`: the same decision with a per-rule trace, for the CLI;
-//! - `load.rs`: reading a directory, errors with file/line/column, reload.
+//! - `load.rs`: reading a directory, errors with file/line/column, reload;
+//! - `udp.rs`: rules listing `protocol: [Udp]`, checked and kept for the kernel.
 //!
 //! Invariants and limits:
 //! - This module never sees or stores a secret: findings arrive as detector
@@ -54,6 +55,7 @@ mod detectors;
 mod explain;
 mod load;
 pub mod schema;
+mod udp;
 mod version;
 
 pub use compile::CompiledPolicy;
@@ -64,6 +66,7 @@ pub use detectors::{is_builtin, BUILTIN_DETECTORS, DETECTOR_GROUPS};
 pub use explain::{Explanation, RuleOutcome, RuleTrace};
 pub use load::{load_dir, load_files, load_sources, parse_policy, PolicyError, PolicyStore};
 pub use schema::{Action, MaskStyle, Mode, PolicyFile, Protocol};
+pub use udp::{UdpPolicyRule, MAX_UDP_POLICY_ENTRIES};
 pub use version::{PolicyStamp, PolicyVersion};
 
 #[cfg(test)]

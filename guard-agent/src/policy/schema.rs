@@ -199,6 +199,9 @@ pub enum Protocol {
     Tls,
     /// A DNS query through the agent's resolver (`host` is the name asked).
     Dns,
+    /// Other UDP: decided in the kernel by destination address and port
+    /// only (see `udp.rs`); rules listing it may use `cidr` and `port`.
+    Udp,
 }
 
 /// What to do with a matching request.
