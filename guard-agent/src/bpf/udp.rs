@@ -362,3 +362,79 @@ mod tests {
         assert!(udp_refused(&rules, "[::ffff:1.2.3.4]:443".parse().unwrap()));
     }
 }
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    fn policy_rule(name: &str, nets: &[&str], ports: &[(u16, u16)], allow: bool) -> UdpPolicyRule {
+        UdpPolicyRule {
+            name: name.into(),
+            nets: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            ports: ports
+                .iter()
+                .map(|&(start, end)| PortRange { start, end })
+                .collect(),
+            allow,
+        }
+    }
+
+    fn verdict(e: &UdpEntries, net: &str, port: u16) -> Option<u8> {
+        let rules = UdpRules {
+            block: vec![UdpRule {
+                net: Some(net.parse().unwrap()),
+                port: (port != 0).then_some(PortRange {
+                    start: port,
+                    end: port,
+                }),
+            }],
+            allow: vec![],
+        };
+        let (prefix, key, _) = udp_rule_entries(&rules).unwrap()[0];
+        e.get(&(prefix, key)).copied()
+    }
+
+    #[test]
+    fn policy_rules_add_to_the_configuration_and_keep_the_quic_block() {
+        let policy = [
+            policy_rule("block-5", &["127.0.0.5/32"], &[(9000, 9000)], false),
+            policy_rule("lan", &["10.0.0.0/8"], &[], false),
+        ];
+        let e = merged_udp_entries(&UdpRules::default(), &policy).unwrap();
+        assert_eq!(e.len(), 4);
+        assert_eq!(verdict(&e, "127.0.0.5/32", 9000), Some(UDP_BLOCK));
+        assert_eq!(verdict(&e, "10.0.0.0/8", 0), Some(UDP_BLOCK));
+        assert_eq!(verdict(&e, "0.0.0.0/0", 443), Some(UDP_BLOCK));
+        assert_eq!(verdict(&e, "::/0", 443), Some(UDP_BLOCK));
+    }
+
+    #[test]
+    fn for_the_same_destination_the_policy_beats_the_config_and_the_first_rule_wins() {
+        let config = UdpRules {
+            block: vec![UdpRule {
+                net: Some("10.0.0.0/8".parse().unwrap()),
+                port: None,
+            }],
+            allow: vec![],
+        };
+        let policy = [
+            policy_rule("first", &["10.0.0.0/8"], &[], true),
+            policy_rule("second", &["10.0.0.0/8"], &[], false),
+        ];
+        let e = merged_udp_entries(&config, &policy).unwrap();
+        assert_eq!(verdict(&e, "10.0.0.0/8", 0), Some(UDP_ALLOW));
+        // Without the policy, the config's block is back.
+        let e = merged_udp_entries(&config, &[]).unwrap();
+        assert_eq!(verdict(&e, "10.0.0.0/8", 0), Some(UDP_BLOCK));
+    }
+
+    #[test]
+    fn too_many_entries_together_are_an_error() {
+        let policy = [
+            policy_rule("a", &[], &[(1, 2000)], false),
+            policy_rule("b", &[], &[(3001, 4000)], false),
+        ];
+        let e = merged_udp_entries(&UdpRules::default(), &policy).unwrap_err();
+        assert!(e.contains("policy"), "{e}");
+    }
+}

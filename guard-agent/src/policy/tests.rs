@@ -739,3 +739,77 @@ fn the_approval_example_holds_llm_uploads_for_two_minutes() {
         Verdict::RequireApproval { timeout, .. } if timeout == Duration::from_secs(120)
     ));
 }
+
+#[test]
+fn udp_rules_keep_destinations_in_rule_order_and_never_match_connections() {
+    let p = policy(
+        r#"Policy(name: "t", mode: Enforce, default: Allow, rules: [
+            Rule(name: "dev-udp-ok", when: (protocol: [Udp], cidr: ["10.1.0.0/16"], port: [5000]), action: Allow),
+            Rule(name: "no-udp-internal", when: (protocol: [Udp], cidr: ["10.0.0.0/8", "fd00::/8"], port: ["5000-5009"]), action: Block()),
+            Rule(name: "no-udp-at-all", when: (protocol: [Udp]), action: Block(reason: "no UDP")),
+            Rule(name: "tcp-only", when: (cidr: ["10.0.0.0/8"]), action: AuditOnly),
+        ])"#,
+    );
+    let udp = p.udp_rules();
+    assert_eq!(udp.len(), 3);
+    assert_eq!(udp[0].name, "dev-udp-ok");
+    assert!(udp[0].allow);
+    assert_eq!(udp[1].nets.len(), 2);
+    assert_eq!(udp[1].entry_count(), 20);
+    assert!(udp[2].nets.is_empty() && udp[2].ports.is_empty() && !udp[2].allow);
+    assert_eq!(udp[2].entry_count(), 2);
+    // A TCP connection to the same place is decided by the other rules.
+    let facts = RequestFacts {
+        dest_ip: Some("10.1.2.3".parse().unwrap()),
+        dest_port: Some(5000),
+        protocol: Some(Protocol::Tcp),
+        ..Default::default()
+    };
+    assert_eq!(p.decide(&facts).rule.as_ref(), "tcp-only");
+}
+
+#[test]
+fn udp_rules_are_not_applied_in_monitor_mode() {
+    let p = policy(
+        r#"Policy(name: "t", mode: Monitor, default: Allow, rules: [
+            Rule(name: "u", when: (protocol: [Udp], port: [9999]), action: Block()),
+        ])"#,
+    );
+    assert!(p.udp_rules().is_empty());
+}
+
+#[test]
+fn udp_rules_with_conditions_the_kernel_cannot_see_are_errors_naming_file_line_and_rule() {
+    let cases = [
+        (
+            r#"when: (protocol: [Udp], host: ["*.example.com"], port: [443]), action: Block()"#,
+            "rule `r` lists protocol Udp but also `host`",
+        ),
+        (
+            r#"when: (protocol: [Udp, Tcp], exe: ["**/curl"], path: ["/x"]), action: Block()"#,
+            "also `exe`, `path`",
+        ),
+        (
+            r#"when: (protocol: [Udp], port: [9999]), unless: (cidr: ["10.0.0.0/8"]), action: Block()"#,
+            "cannot have exceptions",
+        ),
+        (
+            r#"when: (protocol: [Udp], port: [9999]), action: AuditOnly"#,
+            "with action AuditOnly: UDP rules can only Allow or Block",
+        ),
+        (
+            r#"when: (protocol: [Udp], cidr: ["10.0.0.0/8", "::/0"], port: ["1000-9000"]), action: Block()"#,
+            "narrow its port ranges",
+        ),
+    ];
+    for (body, expected) in cases {
+        let text = format!(
+            "Policy(name: \"t\", mode: Enforce, default: Allow, rules: [\n Rule(name: \"ok\", action: Allow),\n Rule(name: \"r\", {body})])"
+        );
+        let msg = load_sources(&[("udp.ron", &text)])
+            .expect_err(body)
+            .to_string();
+        assert!(msg.starts_with("udp.ron:3:"), "{body}: {msg}");
+        assert!(msg.contains(expected), "{body}: {msg}");
+    }
+}
