@@ -469,3 +469,89 @@ fn quic_is_refused_inside_the_scope_and_untouched_outside() {
         .expect("the inside datagram to another port arrives");
     assert_eq!(&got[..n], b"probe");
 }
+
+/// TXT queries from python3, one socket, to `N` names under one domain:
+/// `q0.flood.guard-test.example`, … Prints `rcode=…` per answer.
+const PY_TXT_FLOOD: &str = r#"
+import socket, struct, sys
+dst, count = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+for i in range(count):
+    name = f"q{i}.flood.guard-test.example"
+    q = struct.pack('>HHHHHH', 0x4200 + i, 0x0100, 1, 0, 0, 0)
+    q += b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\0'
+    q += struct.pack('>HH', 16, 1)
+    s.sendto(q, (dst, 53))
+    data, frm = s.recvfrom(4096)
+    print(f"{name} rcode={data[3] & 15}")
+"#;
+
+#[test]
+fn a_txt_flood_to_one_domain_is_flagged() {
+    require_root();
+    let upstream = FakeDns::start(UPSTREAM_IP, &[]);
+    let cg = TestCgroup::new("dns-txt-flood");
+    let pol = policy_dir();
+    let config = pol.path().join("agent.ron.conf");
+    std::fs::write(&config, "(dns: (tunnel: (max_txt_per_minute: 5)))").unwrap();
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        extra_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--policy-dir".into(),
+            pol.path().display().to_string(),
+            "--dns-upstream".into(),
+            upstream.addr.to_string(),
+        ],
+        ..Default::default()
+    });
+    const QUERIES: usize = 12;
+    let out = cg
+        .command("python3")
+        .args(["-c", PY_TXT_FLOOD, CLIENT_RESOLVER, &QUERIES.to_string()])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert_eq!(t.matches("rcode=0").count(), QUERIES, "{t}");
+
+    let events = dns_events(&agent, QUERIES);
+    let txt: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["dns"]["qtype"] == "TXT")
+        .collect();
+    assert_eq!(txt.len(), QUERIES, "{events:#?}");
+    let flood_finding = |e: &Value| -> Option<Value> {
+        e["findings"]
+            .as_array()?
+            .iter()
+            .find(|f| f["detector"] == "dns-tunnel")
+            .cloned()
+    };
+    let flagged: Vec<Value> = txt.iter().filter_map(|e| flood_finding(e)).collect();
+    assert!(!flagged.is_empty(), "no TXT flood flagged: {txt:#?}");
+    assert!(
+        flagged.len() < QUERIES,
+        "the first 5 TXT queries are within the limit: {txt:#?}"
+    );
+    for f in &flagged {
+        assert_eq!(
+            f["location"], "TXT query rate to guard-test.example",
+            "{f:#}"
+        );
+        assert!(
+            f["masked"]
+                .as_str()
+                .unwrap()
+                .contains("TXT queries in a minute"),
+            "{f:#}"
+        );
+    }
+    // The queries within the limit are not flagged.
+    for i in 0..5 {
+        let e = dns_event(&events, &format!("q{i}.flood.guard-test.example"));
+        assert!(flood_finding(e).is_none(), "{e:#}");
+    }
+}
