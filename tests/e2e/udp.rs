@@ -93,7 +93,8 @@ fn probe(cg: &TestCgroup, targets: &[String]) -> String {
 }
 
 fn receive(sock: &UdpSocket, what: &str) {
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut buf = [0u8; 64];
     let (n, _) = sock
         .recv_from(&mut buf)
@@ -128,7 +129,10 @@ fn a_policy_rule_refuses_udp_to_one_port_until_the_policy_file_is_rewritten() {
     let blocked = format!("127.0.0.5:{n}");
     let next = format!("127.0.0.5:{}", n + 1);
 
-    let t = probe(&cg, &[blocked.clone(), next.clone(), "127.0.0.2:443".into()]);
+    let t = probe(
+        &cg,
+        &[blocked.clone(), next.clone(), "127.0.0.2:443".into()],
+    );
     assert!(
         t.contains(&format!("{blocked} sendto=EPERM connect=EPERM")),
         "{t}"

@@ -29,6 +29,7 @@ use crate::policy::{schema::PortRange, UdpPolicyRule};
 
 /// `UDP_RULES` contents: (prefix length, key data) → verdict.
 pub type UdpEntries = BTreeMap<(u32, [u8; UDP_RULE_KEY_LEN]), u8>;
+type UdpRulesMap = LpmTrie<MapData, [u8; UDP_RULE_KEY_LEN], u8>;
 
 /// Entries `UDP_RULES` holds at most (port ranges are expanded).
 pub const MAX_UDP_RULES: usize = 4096;
@@ -161,7 +162,7 @@ pub fn merged_udp_entries(
 /// The live `UDP_RULES` map and what was last written to it; the daemon
 /// applies each (re)loaded policy through it.
 pub struct UdpRuleTable {
-    inner: Mutex<(LpmTrie<MapData, [u8; UDP_RULE_KEY_LEN], u8>, UdpEntries)>,
+    inner: Mutex<(UdpRulesMap, UdpEntries)>,
 }
 
 impl UdpRuleTable {
@@ -189,7 +190,7 @@ impl UdpRuleTable {
 
 /// Turns a map holding `have` into one holding `want`: upserts, then removals.
 fn write_entries(
-    trie: &mut LpmTrie<MapData, [u8; UDP_RULE_KEY_LEN], u8>,
+    trie: &mut UdpRulesMap,
     have: &UdpEntries,
     want: &UdpEntries,
 ) -> Result<(), BpfError> {
