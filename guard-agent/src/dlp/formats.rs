@@ -521,38 +521,29 @@ impl Engine {
                 j += 1;
             }
             let location = || Location::Json(path.to_owned());
-            if !leaf.is_string {
-                if inside.is_empty() {
-                    return;
+            // Numbers, and strings with nothing to decode under a key that
+            // does not sound secret: the whole-body hits are all there is.
+            let escaped = leaf.is_string && memchr::memchr(b'\\', raw).is_some();
+            let as_is = if !leaf.is_string {
+                Some(Escape::JsonNumber)
+            } else if !escaped && !leaf.key.clone().is_some_and(&mut secret_key) {
+                Some(Escape::JsonString)
+            } else {
+                None
+            };
+            if let Some(escape) = as_is {
+                if !inside.is_empty() {
+                    c.add(
+                        self,
+                        &inside,
+                        raw,
+                        None,
+                        raw,
+                        leaf.range.start,
+                        &location(),
+                        escape,
+                    );
                 }
-                c.add(
-                    self,
-                    &inside,
-                    raw,
-                    None,
-                    raw,
-                    leaf.range.start,
-                    &location(),
-                    Escape::JsonNumber,
-                );
-                return;
-            }
-            let secret_key = leaf.key.clone().is_some_and(&mut secret_key);
-            let escaped = memchr::memchr(b'\\', raw).is_some();
-            if !escaped && !secret_key {
-                if inside.is_empty() {
-                    return;
-                }
-                c.add(
-                    self,
-                    &inside,
-                    raw,
-                    None,
-                    raw,
-                    leaf.range.start,
-                    &location(),
-                    Escape::JsonString,
-                );
                 return;
             }
             let (dec, map) = if escaped {
