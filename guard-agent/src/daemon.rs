@@ -310,19 +310,7 @@ async fn reload_policy(
             )
         }
     };
-    let mut ev = Event::admin(
-        EventKind::PolicyReload,
-        AdminRecord {
-            action: action.into(),
-            detail: Some(detail.clone()),
-            ..Default::default()
-        },
-    );
-    if action == "policy_reload_failed" {
-        ev.verdict = store::Verdict::Error;
-        ev.error = Some(detail);
-    }
-    sink.record(ev).await;
+    record_reload(sink, action, detail, action == "policy_reload_failed").await;
 }
 
 /// Rereads the secrets file (SIGHUP): a file that fails its checks keeps
@@ -352,6 +340,12 @@ async fn reload_secrets(cfg: &AgentConfig, secrets: &arc_swap::ArcSwap<Secrets>,
             )
         }
     };
+    record_reload(sink, action, detail, failed).await;
+}
+
+/// Records a reload's outcome as a `policy_reload` event; a failed one is
+/// an error event whose `error` says what stays in force.
+async fn record_reload(sink: &EventSink, action: &str, detail: String, failed: bool) {
     let mut ev = Event::admin(
         EventKind::PolicyReload,
         AdminRecord {
