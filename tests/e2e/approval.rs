@@ -1030,17 +1030,7 @@ fn https_credentials_follow_the_verified_server_name_not_the_host_header() {
     curl("localhost", &["-H", "Host: api.test"], "/spoofed");
 
     let seen = server.requests();
-    let auth = |path: &str| -> Vec<String> {
-        let r = seen
-            .iter()
-            .find(|r| r.path == path)
-            .unwrap_or_else(|| panic!("no {path}: {seen:#?}"));
-        r.headers
-            .iter()
-            .filter(|(k, _)| k == "authorization")
-            .map(|(_, v)| v.clone())
-            .collect()
-    };
+    let auth = |path: &str| server.header_values(path, "authorization");
     assert_eq!(auth("/real"), [format!("Bearer {API_KEY}")]);
     let spoofed = seen.iter().find(|r| r.path == "/spoofed").unwrap();
     assert!(

@@ -815,16 +815,11 @@ fn a_token_goes_home_only_to_a_verified_server_name() {
     curl("api.github.com", &[], "/home");
     curl("localhost", &["-H", "Host: api.github.com"], "/spoofed");
 
-    let seen = server.requests();
     let auth = |path: &str| -> String {
-        let r = seen
-            .iter()
-            .find(|r| r.path == path)
-            .unwrap_or_else(|| panic!("no {path}: {seen:#?}"));
-        r.headers
-            .iter()
-            .find(|(k, _)| k == "authorization")
-            .map(|(_, v)| v.clone())
+        server
+            .header_values(path, "authorization")
+            .into_iter()
+            .next()
             .unwrap_or_default()
     };
     assert_eq!(

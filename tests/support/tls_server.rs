@@ -274,6 +274,21 @@ impl TlsServer {
         self.state.seen.lock().unwrap().clone()
     }
 
+    /// The values of header `name` (lower case) on the first request the
+    /// server saw for `path`; panics when it saw none.
+    pub fn header_values(&self, path: &str, name: &str) -> Vec<String> {
+        let seen = self.requests();
+        let r = seen
+            .iter()
+            .find(|r| r.path == path)
+            .unwrap_or_else(|| panic!("no {path}: {seen:#?}"));
+        r.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::Relaxed)
