@@ -17,11 +17,11 @@ pub async fn connect_tcp(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
         TcpSocket::new_v6()?
     };
     socket2::SockRef::from(&sock).set_mark(mark)?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
+    // Set before connecting: nothing is left to do once the handshake ends.
+    sock.set_nodelay(true)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// Why an upstream TCP connect failed, in words.

@@ -194,7 +194,6 @@ async fn handle(
     };
     ctx.counters.redirected.fetch_add(1, Ordering::Relaxed);
     ctx.counters.active.fetch_add(1, Ordering::Relaxed);
-    let _ = client.set_nodelay(true);
 
     let dst = original_addr(&orig);
     if dst.port() == guard_common::DNS_PORT {
@@ -209,8 +208,13 @@ async fn handle(
     // A name this address was resolved from; SNI or Host replace it.
     ev.host = ctx.names.name_for(dst.ip(), Instant::now());
 
+    // The upstream SYN goes out first: everything else on this path (the
+    // client's socket options, /proc) overlaps with its handshake.
     let procs = Arc::clone(&ctx.procs);
-    let (info, upstream) = tokio::join!(procs.lookup(orig.tgid), connect_tcp(dst, ctx.mark));
+    let (upstream, info) = tokio::join!(connect_tcp(dst, ctx.mark), async {
+        let _ = client.set_nodelay(true);
+        procs.lookup(orig.tgid).await
+    });
     attribute(&mut ev, &orig, &info, &ctx.procs, &ctx.inspect.inspector);
 
     match upstream {
