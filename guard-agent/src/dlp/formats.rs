@@ -477,12 +477,50 @@ impl Engine {
         }
     }
 
+    /// Whether walking `body` could find what one scan of its raw bytes
+    /// did not. The walk adds findings only in strings it scans again:
+    /// strings with escapes (scanned decoded: `\u0034` is a `4`) and
+    /// strings under a secret-sounding key (a generic-secret candidate
+    /// whatever the value). Without a backslash there is no escape, and
+    /// keys are then raw substrings of the body: the field-name regex has
+    /// no look-around, so it matches some key only if it matches the body.
+    /// Numbers and plain strings are covered by the raw scan (the walk only
+    /// attributes its hits to leaves, and drops hits across leaves).
+    fn json_walk_can_find_more(&self, body: &[u8]) -> bool {
+        memchr::memchr(b'\\', body).is_some()
+            || (self.generic.is_some() && self.names_a_secret_anywhere(body))
+    }
+
     /// Walks a JSON body: one scan of the whole body, hits attributed to
     /// the string or number they fall in; strings with escapes and strings
     /// under secret-sounding keys are also scanned decoded. `false` if the
     /// body is not JSON.
     fn collect_json(&self, body: &[u8], c: &mut Collector) -> bool {
         let hits = self.detect(body, None);
+        if hits.is_empty() && !self.json_walk_can_find_more(body) {
+            // Valid JSON or not (then the caller scans it as text, which is
+            // the same detection over the same bytes): nothing to find.
+            return true;
+        }
+        self.walk_json(body, hits, c)
+    }
+
+    /// [`Engine::inspect_body`] of a JSON body, always walking it (no
+    /// shortcut for bodies where one raw scan finds nothing): for tests
+    /// proving that the shortcut changes no answer.
+    #[cfg(test)]
+    pub(crate) fn inspect_json_walked(&self, body: &[u8]) -> Inspection {
+        let mut c = Collector::new(None);
+        if !self.walk_json(body, self.detect(body, None), &mut c) {
+            c = Collector::new(None);
+            self.collect_text(body, 0, None, &Location::Text, &mut c);
+        }
+        let (findings, masked) = c.finish(body);
+        Inspection { findings, masked }
+    }
+
+    /// The walk of [`Engine::collect_json`], given the whole-body `hits`.
+    fn walk_json(&self, body: &[u8], hits: Vec<Hit>, c: &mut Collector) -> bool {
         // Whether a key sounds secret, by key: a small direct-mapped cache
         // (keys repeat in arrays of objects; hashing each one costs more).
         let mut key_is_secret: [Option<(&[u8], bool)>; 64] = [None; 64];
