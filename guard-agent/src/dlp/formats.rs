@@ -84,7 +84,24 @@ enum Escape {
 
 struct Edit {
     range: Range<usize>,
-    bytes: Vec<u8>,
+    with: Replacement,
+}
+
+/// What an edit writes: most masks need no escaping in their format and
+/// are written straight from the finding (no copy per finding).
+enum Replacement {
+    /// `findings[i].masked` as is.
+    Mask(usize),
+    Bytes(Vec<u8>),
+}
+
+impl Replacement {
+    fn bytes<'a>(&'a self, findings: &'a [Finding]) -> &'a [u8] {
+        match self {
+            Replacement::Mask(i) => findings[*i].masked.as_bytes(),
+            Replacement::Bytes(b) => b,
+        }
+    }
 }
 
 /// Which findings are rewritten: `None` masks every finding; otherwise
@@ -131,10 +148,13 @@ impl<'a> Collector<'a> {
                 self.findings.push(f);
                 continue;
             }
-            let (range, bytes) = match escape {
-                Escape::None => (rs..re, f.masked.as_bytes().to_vec()),
-                Escape::JsonString => (rs..re, json_escape(&f.masked)),
-                Escape::Percent => (rs..re, percent_encode(&f.masked)),
+            let as_is = Replacement::Mask(self.findings.len());
+            let (range, with) = match escape {
+                Escape::None => (rs..re, as_is),
+                Escape::JsonString if !f.masked.bytes().any(needs_json_escape) => (rs..re, as_is),
+                Escape::JsonString => (rs..re, Replacement::Bytes(json_escape(&f.masked))),
+                Escape::Percent if f.masked.bytes().all(percent_unreserved) => (rs..re, as_is),
+                Escape::Percent => (rs..re, Replacement::Bytes(percent_encode(&f.masked))),
                 Escape::JsonNumber => {
                     let (s, e) = (rs - raw_start, re - raw_start);
                     let mut text = String::from_utf8_lossy(&raw[..s]).into_owned();
@@ -143,11 +163,11 @@ impl<'a> Collector<'a> {
                     let mut b = vec![b'"'];
                     b.extend(json_escape(&text));
                     b.push(b'"');
-                    (raw_start..raw_start + raw.len(), b)
+                    (raw_start..raw_start + raw.len(), Replacement::Bytes(b))
                 }
             };
             self.findings.push(f);
-            self.edits.push(Edit { range, bytes });
+            self.edits.push(Edit { range, with });
         }
     }
 
@@ -157,17 +177,28 @@ impl<'a> Collector<'a> {
             return (self.findings, None);
         }
         self.edits.sort_by_key(|e| (e.range.start, e.range.end));
-        let mut out = Vec::with_capacity(input.len());
+        let findings = &self.findings;
+        let bytes = |e: &Edit| e.with.bytes(findings).len();
+        // Sized once: no growing (and copying) a body-sized buffer.
+        let (mut len, mut at) = (input.len(), 0);
+        for e in &self.edits {
+            if e.range.start >= at {
+                len = len - e.range.len() + bytes(e);
+                at = e.range.end;
+            }
+        }
+        let mut out = Vec::with_capacity(len);
         let mut at = 0;
         for e in &self.edits {
             if e.range.start < at {
                 continue; // overlaps an edit already applied (same number token)
             }
             out.extend_from_slice(&input[at..e.range.start]);
-            out.extend_from_slice(&e.bytes);
+            out.extend_from_slice(e.with.bytes(findings));
             at = e.range.end;
         }
         out.extend_from_slice(&input[at..]);
+        debug_assert_eq!(out.len(), len);
         self.findings.sort_by_key(|f| (f.range.start, f.range.end));
         (self.findings, Some(out))
     }
@@ -194,10 +225,20 @@ fn json_escape(s: &str) -> Vec<u8> {
     out
 }
 
+/// Whether `json_escape` rewrites this byte.
+fn needs_json_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Whether `percent_encode` keeps this byte as is.
+fn percent_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'*')
+}
+
 fn percent_encode(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'*') {
+        if percent_unreserved(b) {
             out.push(b);
         } else {
             out.extend_from_slice(format!("%{b:02X}").as_bytes());
