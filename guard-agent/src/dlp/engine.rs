@@ -626,13 +626,14 @@ impl Engine {
         range: Range<usize>,
     ) -> Finding {
         let d = &self.detectors[det];
+        let hash = self.key.hash(value);
         Finding {
             detector: d.name.clone(),
             class: d.class,
             location,
             range,
-            masked: mask::render(d.mask, &d.name, &self.key, value),
-            fingerprint: mask::fingerprint(&self.key, value),
+            masked: mask::render(d.mask, &d.name, &hash, value),
+            fingerprint: hash.fingerprint(),
         }
     }
 
