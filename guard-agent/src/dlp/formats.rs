@@ -581,7 +581,7 @@ impl Engine {
             }
         };
         let mut hi = 0;
-        let mut visit = |leaf: &Leaf, path: &str| {
+        let mut visit = |leaf: &Leaf, path: &JsonPath| {
             let raw = &body[leaf.range.clone()];
             // Whole-body hits that fall inside this leaf.
             while hi < hits.len() && hits[hi].range.start < leaf.range.start {
@@ -599,7 +599,7 @@ impl Engine {
                 }
                 j += 1;
             }
-            let location = || Location::Json(path.to_owned());
+            let location = || Location::Json(path.render(body));
             // Numbers, and strings with nothing to decode under a key that
             // does not sound secret: the whole-body hits are all there is.
             let escaped = leaf.is_string && memchr::memchr(b'\\', raw).is_some();
@@ -673,18 +673,44 @@ struct Leaf {
     key: Option<Range<usize>>,
 }
 
+/// Where a JSON value is: the keys (raw ranges in the document) and array
+/// indices from the root, rendered as `$.a.b[0]` only for values that have
+/// a finding.
+#[derive(Default)]
+struct JsonPath(Vec<Step>);
+
+enum Step {
+    Key(Range<usize>),
+    Index(usize),
+}
+
+impl JsonPath {
+    fn render(&self, doc: &[u8]) -> String {
+        let mut path = String::from("$");
+        for step in &self.0 {
+            match step {
+                Step::Key(k) => push_key(&mut path, &doc[k.clone()]),
+                Step::Index(n) => {
+                    let _ = write!(path, "[{n}]");
+                }
+            }
+        }
+        path
+    }
+}
+
 /// Calls `visit(leaf, path)` for every string and number of a JSON
 /// document, in order, with its path (`$.a.b[0]`). `false` if the bytes are
 /// not one JSON value (with surrounding whitespace); leaves before the
 /// error have been visited.
-fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &str)) -> bool {
+fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &JsonPath)) -> bool {
     let mut p = JsonParser {
         b,
         i: 0,
         visit,
         depth: 0,
     };
-    let mut path = String::from("$");
+    let mut path = JsonPath::default();
     p.ws();
     if p.value(&mut path, None).is_none() {
         return false;
@@ -696,7 +722,7 @@ fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &str)) -> bool {
 struct JsonParser<'a, 'v> {
     b: &'a [u8],
     i: usize,
-    visit: &'v mut dyn FnMut(&Leaf, &str),
+    visit: &'v mut dyn FnMut(&Leaf, &JsonPath),
     depth: usize,
 }
 
@@ -725,7 +751,7 @@ impl JsonParser<'_, '_> {
         }
     }
 
-    fn value(&mut self, path: &mut String, key: Option<Range<usize>>) -> Option<()> {
+    fn value(&mut self, path: &mut JsonPath, key: Option<Range<usize>>) -> Option<()> {
         self.depth += 1;
         if self.depth > 256 {
             return None;
@@ -758,10 +784,9 @@ impl JsonParser<'_, '_> {
                         }
                         self.i += 1;
                         self.ws();
-                        let len = path.len();
-                        push_key(path, &self.b[k.clone()]);
+                        path.0.push(Step::Key(k.clone()));
                         self.value(path, Some(k))?;
-                        path.truncate(len);
+                        path.0.pop();
                         self.ws();
                         match self.b.get(self.i)? {
                             b',' => self.i += 1,
@@ -783,10 +808,9 @@ impl JsonParser<'_, '_> {
                     let mut n = 0usize;
                     loop {
                         self.ws();
-                        let len = path.len();
-                        let _ = write!(path, "[{n}]");
+                        path.0.push(Step::Index(n));
                         self.value(path, None)?;
-                        path.truncate(len);
+                        path.0.pop();
                         n += 1;
                         self.ws();
                         match self.b.get(self.i)? {
