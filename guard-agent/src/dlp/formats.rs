@@ -139,6 +139,8 @@ impl<'a> Collector<'a> {
         location: &Location,
         escape: Escape,
     ) {
+        self.findings.reserve(hits.len());
+        self.edits.reserve(hits.len());
         for h in hits {
             let to_raw = |i: usize| map.map_or(i, |m| m[i]);
             let rs = raw_start + to_raw(h.range.start);
@@ -562,6 +564,9 @@ impl Engine {
 
     /// The walk of [`Engine::collect_json`], given the whole-body `hits`.
     fn walk_json(&self, body: &[u8], hits: Vec<Hit>, c: &mut Collector) -> bool {
+        // Nearly every whole-body hit becomes a finding: size for them once.
+        c.findings.reserve(hits.len());
+        c.edits.reserve(hits.len());
         // Whether a key sounds secret, by key: a small direct-mapped cache
         // (keys repeat in arrays of objects; hashing each one costs more).
         let mut key_is_secret: [Option<(&[u8], bool)>; 64] = [None; 64];
