@@ -567,6 +567,7 @@ impl Engine {
         // Nearly every whole-body hit becomes a finding: size for them once.
         c.findings.reserve(hits.len());
         c.edits.reserve(hits.len());
+        let body_has_escapes = memchr::memchr(b'\\', body).is_some();
         // Whether a key sounds secret, by key: a small direct-mapped cache
         // (keys repeat in arrays of objects; hashing each one costs more).
         let mut key_is_secret: [Option<(&[u8], bool)>; 64] = [None; 64];
@@ -607,7 +608,8 @@ impl Engine {
             let location = || Location::Json(path.render(body));
             // Numbers, and strings with nothing to decode under a key that
             // does not sound secret: the whole-body hits are all there is.
-            let escaped = leaf.is_string && memchr::memchr(b'\\', raw).is_some();
+            let escaped =
+                body_has_escapes && leaf.is_string && memchr::memchr(b'\\', raw).is_some();
             let as_is = if !leaf.is_string {
                 Some(Escape::JsonNumber)
             } else if !escaped && !leaf.key.clone().is_some_and(&mut secret_key) {
