@@ -114,7 +114,7 @@ pub struct Engine {
     pub(crate) field_name: Regex,
     /// Three bytes of every `field_name` match, found in one SIMD pass.
     field_name_trigrams: TrigramsAnyCase,
-    pub(crate) generic: Option<usize>,
+    generic: Option<usize>,
     pub(crate) key: MaskKey,
     pub(crate) max_decoded_bytes: usize,
     pub(crate) stream_overlap: usize,

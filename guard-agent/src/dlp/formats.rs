@@ -523,15 +523,15 @@ impl Engine {
     /// Whether walking `body` could find what one scan of its raw bytes
     /// did not. The walk adds findings only in strings it scans again:
     /// strings with escapes (scanned decoded: `\u0034` is a `4`) and
-    /// strings under a secret-sounding key (a generic-secret candidate
-    /// whatever the value). Without a backslash there is no escape, and
-    /// keys are then raw substrings of the body: the field-name regex has
-    /// no look-around, so it matches some key only if it matches the body.
+    /// strings under a secret-sounding key (scanned alone, with the key: a
+    /// generic-secret candidate whatever the value). Without a backslash
+    /// there is no escape; keys are raw substrings of the body, and the
+    /// field-name regex has no look-around, so it matches some key only if
+    /// it matches the body.
     /// Numbers and plain strings are covered by the raw scan (the walk only
     /// attributes its hits to leaves, and drops hits across leaves).
     fn json_walk_can_find_more(&self, body: &[u8]) -> bool {
-        memchr::memchr(b'\\', body).is_some()
-            || (self.generic.is_some() && self.names_a_secret_anywhere(body))
+        memchr::memchr(b'\\', body).is_some() || self.names_a_secret_anywhere(body)
     }
 
     /// Walks a JSON body: one scan of the whole body, hits attributed to

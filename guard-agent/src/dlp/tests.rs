@@ -659,6 +659,13 @@ fn json_without_raw_hits_gets_the_same_answer_as_the_walk() {
         // Invalid JSON with a keyed secret: the text fallback decides.
         (format!(r#"{{"password":"{pw}""#), true),
     ];
+    // Without generic-secret, secret-sounding keys still make the walk
+    // scan their values alone: the shortcut must not assume otherwise.
+    let no_generic = DlpSettings {
+        disabled: vec!["generic-secret".into()],
+        ..Default::default()
+    };
+    let no_generic = Engine::compile(&no_generic, MaskKey::new([3; 32])).unwrap();
     for (body, found) in bodies {
         let fast = e
             .inspect_body(Some("application/json"), None, body.as_bytes())
@@ -670,6 +677,14 @@ fn json_without_raw_hits_gets_the_same_answer_as_the_walk() {
             found,
             "{body}: {:?}",
             fast.findings
+        );
+        let fast = no_generic
+            .inspect_body(Some("application/json"), None, body.as_bytes())
+            .unwrap();
+        assert_eq!(
+            fast,
+            no_generic.inspect_json_walked(body.as_bytes()),
+            "{body}"
         );
     }
 }
