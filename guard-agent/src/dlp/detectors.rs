@@ -522,3 +522,13 @@ pub const BUILTIN: &[Detector] = &[
 /// The generic-secret key words, for field names (JSON keys, form fields,
 /// query parameters, header names) whose whole value is then a candidate.
 pub(crate) const SECRET_FIELD_NAME: &str = r"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|auth[_-]?key|private[_-]?key|client[_-]?secret|credential|passphrase)";
+
+/// Three bytes (any case) of which every match of [`SECRET_FIELD_NAME`]
+/// holds one: `pas`sword/`pas`swd/`pas`sphrase, `pwd`, se`cre`t/`cre`dential,
+/// `tok`en, every `key`. Lets a body be cleared of secret-sounding names
+/// with one SIMD pass instead of the regex over every byte.
+pub(crate) const SECRET_FIELD_NAME_TRIGRAMS: &[&str] = &["pas", "pwd", "cre", "tok", "key"];
+
+/// The longest match of [`SECRET_FIELD_NAME`] (`client_secret`), rounded
+/// up: a match holding a trigram at `at` lies within this many bytes of it.
+pub(crate) const SECRET_FIELD_NAME_MAX: usize = 16;

@@ -84,7 +84,24 @@ enum Escape {
 
 struct Edit {
     range: Range<usize>,
-    bytes: Vec<u8>,
+    with: Replacement,
+}
+
+/// What an edit writes: most masks need no escaping in their format and
+/// are written straight from the finding (no copy per finding).
+enum Replacement {
+    /// `findings[i].masked` as is.
+    Mask(usize),
+    Bytes(Vec<u8>),
+}
+
+impl Replacement {
+    fn bytes<'a>(&'a self, findings: &'a [Finding]) -> &'a [u8] {
+        match self {
+            Replacement::Mask(i) => findings[*i].masked.as_bytes(),
+            Replacement::Bytes(b) => b,
+        }
+    }
 }
 
 /// Which findings are rewritten: `None` masks every finding; otherwise
@@ -122,6 +139,8 @@ impl<'a> Collector<'a> {
         location: &Location,
         escape: Escape,
     ) {
+        self.findings.reserve(hits.len());
+        self.edits.reserve(hits.len());
         for h in hits {
             let to_raw = |i: usize| map.map_or(i, |m| m[i]);
             let rs = raw_start + to_raw(h.range.start);
@@ -131,10 +150,13 @@ impl<'a> Collector<'a> {
                 self.findings.push(f);
                 continue;
             }
-            let (range, bytes) = match escape {
-                Escape::None => (rs..re, f.masked.as_bytes().to_vec()),
-                Escape::JsonString => (rs..re, json_escape(&f.masked)),
-                Escape::Percent => (rs..re, percent_encode(&f.masked)),
+            let as_is = Replacement::Mask(self.findings.len());
+            let (range, with) = match escape {
+                Escape::None => (rs..re, as_is),
+                Escape::JsonString if !f.masked.bytes().any(needs_json_escape) => (rs..re, as_is),
+                Escape::JsonString => (rs..re, Replacement::Bytes(json_escape(&f.masked))),
+                Escape::Percent if f.masked.bytes().all(percent_unreserved) => (rs..re, as_is),
+                Escape::Percent => (rs..re, Replacement::Bytes(percent_encode(&f.masked))),
                 Escape::JsonNumber => {
                     let (s, e) = (rs - raw_start, re - raw_start);
                     let mut text = String::from_utf8_lossy(&raw[..s]).into_owned();
@@ -143,11 +165,11 @@ impl<'a> Collector<'a> {
                     let mut b = vec![b'"'];
                     b.extend(json_escape(&text));
                     b.push(b'"');
-                    (raw_start..raw_start + raw.len(), b)
+                    (raw_start..raw_start + raw.len(), Replacement::Bytes(b))
                 }
             };
             self.findings.push(f);
-            self.edits.push(Edit { range, bytes });
+            self.edits.push(Edit { range, with });
         }
     }
 
@@ -157,17 +179,28 @@ impl<'a> Collector<'a> {
             return (self.findings, None);
         }
         self.edits.sort_by_key(|e| (e.range.start, e.range.end));
-        let mut out = Vec::with_capacity(input.len());
+        let findings = &self.findings;
+        let bytes = |e: &Edit| e.with.bytes(findings).len();
+        // Sized once: no growing (and copying) a body-sized buffer.
+        let (mut len, mut at) = (input.len(), 0);
+        for e in &self.edits {
+            if e.range.start >= at {
+                len = len - e.range.len() + bytes(e);
+                at = e.range.end;
+            }
+        }
+        let mut out = Vec::with_capacity(len);
         let mut at = 0;
         for e in &self.edits {
             if e.range.start < at {
                 continue; // overlaps an edit already applied (same number token)
             }
             out.extend_from_slice(&input[at..e.range.start]);
-            out.extend_from_slice(&e.bytes);
+            out.extend_from_slice(e.with.bytes(findings));
             at = e.range.end;
         }
         out.extend_from_slice(&input[at..]);
+        debug_assert_eq!(out.len(), len);
         self.findings.sort_by_key(|f| (f.range.start, f.range.end));
         (self.findings, Some(out))
     }
@@ -194,10 +227,20 @@ fn json_escape(s: &str) -> Vec<u8> {
     out
 }
 
+/// Whether `json_escape` rewrites this byte.
+fn needs_json_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Whether `percent_encode` keeps this byte as is.
+fn percent_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'*')
+}
+
 fn percent_encode(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'*') {
+        if percent_unreserved(b) {
             out.push(b);
         } else {
             out.extend_from_slice(format!("%{b:02X}").as_bytes());
@@ -477,12 +520,54 @@ impl Engine {
         }
     }
 
+    /// Whether walking `body` could find what one scan of its raw bytes
+    /// did not. The walk adds findings only in strings it scans again:
+    /// strings with escapes (scanned decoded: `\u0034` is a `4`) and
+    /// strings under a secret-sounding key (scanned alone, with the key: a
+    /// generic-secret candidate whatever the value). Without a backslash
+    /// there is no escape; keys are raw substrings of the body, and the
+    /// field-name regex has no look-around, so it matches some key only if
+    /// it matches the body.
+    /// Numbers and plain strings are covered by the raw scan (the walk only
+    /// attributes its hits to leaves, and drops hits across leaves).
+    fn json_walk_can_find_more(&self, body: &[u8]) -> bool {
+        memchr::memchr(b'\\', body).is_some() || self.names_a_secret_anywhere(body)
+    }
+
     /// Walks a JSON body: one scan of the whole body, hits attributed to
     /// the string or number they fall in; strings with escapes and strings
     /// under secret-sounding keys are also scanned decoded. `false` if the
     /// body is not JSON.
     fn collect_json(&self, body: &[u8], c: &mut Collector) -> bool {
         let hits = self.detect(body, None);
+        if hits.is_empty() && !self.json_walk_can_find_more(body) {
+            // Valid JSON or not (then the caller scans it as text, which is
+            // the same detection over the same bytes): nothing to find.
+            return true;
+        }
+        self.walk_json(body, hits, c)
+    }
+
+    /// [`Engine::inspect_body`] of a JSON body, always walking it (no
+    /// shortcut for bodies where one raw scan finds nothing): for tests
+    /// proving that the shortcut changes no answer.
+    #[cfg(test)]
+    pub(crate) fn inspect_json_walked(&self, body: &[u8]) -> Inspection {
+        let mut c = Collector::new(None);
+        if !self.walk_json(body, self.detect(body, None), &mut c) {
+            c = Collector::new(None);
+            self.collect_text(body, 0, None, &Location::Text, &mut c);
+        }
+        let (findings, masked) = c.finish(body);
+        Inspection { findings, masked }
+    }
+
+    /// The walk of [`Engine::collect_json`], given the whole-body `hits`.
+    fn walk_json(&self, body: &[u8], hits: Vec<Hit>, c: &mut Collector) -> bool {
+        // Nearly every whole-body hit becomes a finding: size for them once.
+        c.findings.reserve(hits.len());
+        c.edits.reserve(hits.len());
+        let body_has_escapes = memchr::memchr(b'\\', body).is_some();
         // Whether a key sounds secret, by key: a small direct-mapped cache
         // (keys repeat in arrays of objects; hashing each one costs more).
         let mut key_is_secret: [Option<(&[u8], bool)>; 64] = [None; 64];
@@ -502,7 +587,7 @@ impl Engine {
             }
         };
         let mut hi = 0;
-        let mut visit = |leaf: &Leaf, path: &str| {
+        let mut visit = |leaf: &Leaf, path: &JsonPath| {
             let raw = &body[leaf.range.clone()];
             // Whole-body hits that fall inside this leaf.
             while hi < hits.len() && hits[hi].range.start < leaf.range.start {
@@ -520,10 +605,11 @@ impl Engine {
                 }
                 j += 1;
             }
-            let location = || Location::Json(path.to_owned());
+            let location = || Location::Json(path.render(body));
             // Numbers, and strings with nothing to decode under a key that
             // does not sound secret: the whole-body hits are all there is.
-            let escaped = leaf.is_string && memchr::memchr(b'\\', raw).is_some();
+            let escaped =
+                body_has_escapes && leaf.is_string && memchr::memchr(b'\\', raw).is_some();
             let as_is = if !leaf.is_string {
                 Some(Escape::JsonNumber)
             } else if !escaped && !leaf.key.clone().is_some_and(&mut secret_key) {
@@ -594,18 +680,44 @@ struct Leaf {
     key: Option<Range<usize>>,
 }
 
+/// Where a JSON value is: the keys (raw ranges in the document) and array
+/// indices from the root, rendered as `$.a.b[0]` only for values that have
+/// a finding.
+#[derive(Default)]
+struct JsonPath(Vec<Step>);
+
+enum Step {
+    Key(Range<usize>),
+    Index(usize),
+}
+
+impl JsonPath {
+    fn render(&self, doc: &[u8]) -> String {
+        let mut path = String::from("$");
+        for step in &self.0 {
+            match step {
+                Step::Key(k) => push_key(&mut path, &doc[k.clone()]),
+                Step::Index(n) => {
+                    let _ = write!(path, "[{n}]");
+                }
+            }
+        }
+        path
+    }
+}
+
 /// Calls `visit(leaf, path)` for every string and number of a JSON
 /// document, in order, with its path (`$.a.b[0]`). `false` if the bytes are
 /// not one JSON value (with surrounding whitespace); leaves before the
 /// error have been visited.
-fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &str)) -> bool {
+fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &JsonPath)) -> bool {
     let mut p = JsonParser {
         b,
         i: 0,
         visit,
         depth: 0,
     };
-    let mut path = String::from("$");
+    let mut path = JsonPath::default();
     p.ws();
     if p.value(&mut path, None).is_none() {
         return false;
@@ -617,7 +729,7 @@ fn json_walk(b: &[u8], visit: &mut dyn FnMut(&Leaf, &str)) -> bool {
 struct JsonParser<'a, 'v> {
     b: &'a [u8],
     i: usize,
-    visit: &'v mut dyn FnMut(&Leaf, &str),
+    visit: &'v mut dyn FnMut(&Leaf, &JsonPath),
     depth: usize,
 }
 
@@ -646,7 +758,7 @@ impl JsonParser<'_, '_> {
         }
     }
 
-    fn value(&mut self, path: &mut String, key: Option<Range<usize>>) -> Option<()> {
+    fn value(&mut self, path: &mut JsonPath, key: Option<Range<usize>>) -> Option<()> {
         self.depth += 1;
         if self.depth > 256 {
             return None;
@@ -679,10 +791,9 @@ impl JsonParser<'_, '_> {
                         }
                         self.i += 1;
                         self.ws();
-                        let len = path.len();
-                        push_key(path, &self.b[k.clone()]);
+                        path.0.push(Step::Key(k.clone()));
                         self.value(path, Some(k))?;
-                        path.truncate(len);
+                        path.0.pop();
                         self.ws();
                         match self.b.get(self.i)? {
                             b',' => self.i += 1,
@@ -704,10 +815,9 @@ impl JsonParser<'_, '_> {
                     let mut n = 0usize;
                     loop {
                         self.ws();
-                        let len = path.len();
-                        let _ = write!(path, "[{n}]");
+                        path.0.push(Step::Index(n));
                         self.value(path, None)?;
-                        path.truncate(len);
+                        path.0.pop();
                         n += 1;
                         self.ws();
                         match self.b.get(self.i)? {

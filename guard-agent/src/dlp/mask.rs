@@ -1,40 +1,42 @@
 //! Turning a finding's value into what may be forwarded or stored: a
 //! redaction marker, a keep-last-4 mask, a keyed token, or a short keyed
-//! fingerprint. All keyed outputs are HMAC-SHA256 under the host key, with a
-//! distinct domain label per use, so a token cannot be compared with a
-//! fingerprint and neither can be reversed or brute-forced without the key.
-
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+//! fingerprint. Both keyed outputs come from one keyed BLAKE3 hash of the
+//! value (a PRF under a key derived from the host key): the token is its
+//! first 80 bits, the fingerprint 48 bits further on. Disjoint bits of a PRF
+//! are independent, so a token cannot be compared with a fingerprint, and
+//! neither can be reversed or brute-forced without the key.
+//!
+//! What it must never do: hash a value without the key, or write the value
+//! (or the key) anywhere.
 
 use crate::dlp::settings::MaskStyle;
 
-const TOKEN_LABEL: &[u8] = b"guard-dlp-token";
-const FINGERPRINT_LABEL: &[u8] = b"guard-dlp-fingerprint";
+/// BLAKE3 `derive_key` context: the key for value hashes is derived from
+/// the host key under this label, so the host key itself is never a BLAKE3
+/// key of values (and other uses of it stay separate).
+const VALUE_KEY_CONTEXT: &str = "guard 2026-11 dlp value token and fingerprint";
 
-/// The host's secret key for tokens and fingerprints, held as HMAC states
-/// already keyed and fed their domain label (`label || 0`), so that each
-/// value costs two SHA-256 blocks, not four. Its `Debug` never prints the
-/// key.
+/// Where the token and the fingerprint are in a value's hash.
+const TOKEN_BYTES: std::ops::Range<usize> = 0..10;
+const FINGERPRINT_BYTES: std::ops::Range<usize> = 16..22;
+
+/// The host's secret key for tokens and fingerprints, held as the derived
+/// BLAKE3 key of value hashes. Its `Debug` never prints the key.
 #[derive(Clone)]
 pub struct MaskKey {
-    token: Hmac<Sha256>,
-    fingerprint: Hmac<Sha256>,
+    values: [u8; 32],
 }
 
 impl MaskKey {
     pub fn new(bytes: [u8; 32]) -> Self {
-        let labelled = |label: &[u8]| {
-            let mut mac =
-                <Hmac<Sha256> as Mac>::new_from_slice(&bytes).expect("HMAC takes any key length");
-            mac.update(label);
-            mac.update(&[0]);
-            mac
-        };
         MaskKey {
-            token: labelled(TOKEN_LABEL),
-            fingerprint: labelled(FINGERPRINT_LABEL),
+            values: blake3::derive_key(VALUE_KEY_CONTEXT, &bytes),
         }
+    }
+
+    /// The keyed hash of `value`: token and fingerprint are cut from it.
+    pub(crate) fn hash(&self, value: &[u8]) -> ValueHash {
+        ValueHash(*blake3::keyed_hash(&self.values, value).as_bytes())
     }
 }
 
@@ -44,12 +46,30 @@ impl std::fmt::Debug for MaskKey {
     }
 }
 
-/// HMAC-SHA256(key, label || 0 || value), from a state that holds the
-/// key and the label.
-fn keyed(labelled: &Hmac<Sha256>, value: &[u8]) -> [u8; 32] {
-    let mut mac = labelled.clone();
-    mac.update(value);
-    mac.finalize().into_bytes().into()
+/// A value's keyed hash: compute it once per finding, then cut the token
+/// and the fingerprint from it.
+pub(crate) struct ValueHash([u8; 32]);
+
+impl ValueHash {
+    /// `tok_` + 16 base32 characters (80 bits).
+    pub fn token(&self) -> String {
+        let mut out = String::with_capacity(20);
+        out.push_str("tok_");
+        base32_into(&self.0[TOKEN_BYTES], &mut out);
+        out
+    }
+
+    /// `fp_` + 12 hex (48 bits).
+    pub fn fingerprint(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(15);
+        out.push_str("fp_");
+        for b in &self.0[FINGERPRINT_BYTES] {
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+        out
+    }
 }
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -79,13 +99,9 @@ fn base32_into(bytes: &[u8], out: &mut String) {
     }
 }
 
-/// `tok_` + 16 base32 characters (80 bits) of HMAC-SHA256(key, value).
+/// `tok_` + 16 base32 characters (80 bits) of the keyed hash of `value`.
 pub fn token(key: &MaskKey, value: &[u8]) -> String {
-    let mac = keyed(&key.token, value);
-    let mut out = String::with_capacity(20);
-    out.push_str("tok_");
-    base32_into(&mac[..10], &mut out);
-    out
+    key.hash(value).token()
 }
 
 /// A short keyed fingerprint (`fp_` + 12 hex, 48 bits) for values such as
@@ -93,22 +109,21 @@ pub fn token(key: &MaskKey, value: &[u8]) -> String {
 /// apart from "another one", not enough to search a dictionary without the
 /// key.
 pub fn fingerprint(key: &MaskKey, value: &[u8]) -> String {
-    let mac = keyed(&key.fingerprint, value);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(15);
-    out.push_str("fp_");
-    for b in &mac[..6] {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
-    out
+    key.hash(value).fingerprint()
 }
 
-/// The replacement text for `value` found by `detector`.
-pub(crate) fn render(style: MaskStyle, detector: &str, key: &MaskKey, value: &[u8]) -> String {
+/// The replacement text for `value` found by `detector`, whose keyed hash
+/// is `hash`.
+pub(crate) fn render(style: MaskStyle, detector: &str, hash: &ValueHash, value: &[u8]) -> String {
     match style {
-        MaskStyle::Redact => format!("[REDACTED:{detector}]"),
-        MaskStyle::Token => token(key, value),
+        MaskStyle::Redact => {
+            let mut out = String::with_capacity(11 + detector.len());
+            out.push_str("[REDACTED:");
+            out.push_str(detector);
+            out.push(']');
+            out
+        }
+        MaskStyle::Token => hash.token(),
         MaskStyle::KeepLast4 => keep_last4(value),
     }
 }
@@ -138,6 +153,9 @@ fn keep_last4(value: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    const PINNED_TOKEN: &str = "tok_4y4rwdgxbx66husg";
+    const PINNED_FINGERPRINT: &str = "fp_6cd22826b8e1";
+
     fn key(b: u8) -> MaskKey {
         MaskKey::new([b; 32])
     }
@@ -160,23 +178,22 @@ mod tests {
         assert_ne!(&f[3..], &token(&key(1), b"Bearer abc")[4..16]);
     }
 
-    /// Tokens and fingerprints already stored must keep matching new ones:
-    /// the definition is HMAC-SHA256(key, label || 0 || value).
+    /// Tokens and fingerprints must stay stable across releases (stored
+    /// events are compared with new ones): the definition is BLAKE3
+    /// keyed_hash(derive_key(context, host key), value), token bytes 0..10,
+    /// fingerprint bytes 16..22.
     #[test]
     fn tokens_follow_the_documented_construction() {
-        let direct = |label: &[u8], value: &[u8]| -> Vec<u8> {
-            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&[5; 32]).unwrap();
-            mac.update(label);
-            mac.update(&[0]);
-            mac.update(value);
-            mac.finalize().into_bytes().to_vec()
-        };
         let v = b"ghp_R8fK2mQ9xW4tL7vN3bH6jP1sD5gY0cZ8aE2u";
-        let t = direct(b"guard-dlp-token", v);
-        assert_eq!(token(&key(5), v), format!("tok_{}", base32(&t[..10])));
-        let f = direct(b"guard-dlp-fingerprint", v);
-        let hex: String = f[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let k = blake3::derive_key("guard 2026-11 dlp value token and fingerprint", &[5; 32]);
+        let h = blake3::keyed_hash(&k, v);
+        let h = h.as_bytes();
+        assert_eq!(token(&key(5), v), format!("tok_{}", base32(&h[..10])));
+        let hex: String = h[16..22].iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(fingerprint(&key(5), v), format!("fp_{hex}"));
+        // Pinned values: a change here breaks every stored fingerprint.
+        assert_eq!(token(&key(5), v), PINNED_TOKEN);
+        assert_eq!(fingerprint(&key(5), v), PINNED_FINGERPRINT);
     }
 
     #[test]

@@ -276,6 +276,74 @@ impl Anchors {
     }
 }
 
+/// Finds three-byte ASCII words in any case (`key`, `KEY`, `kEy`), in one
+/// SIMD pass: the data is lower-cased a chunk at a time (`| 0x20` maps
+/// exactly the upper-case letters onto the lower-case ones, and no other
+/// byte onto a letter) and the lower-case words are searched as is.
+pub(crate) struct TrigramsAnyCase {
+    teddy: Option<packed::Searcher>,
+    /// Where the CPU has no SIMD support for Teddy.
+    ac: AhoCorasick,
+}
+
+/// How many bytes are lower-cased at a time (on the stack).
+const FOLD_CHUNK: usize = 4096;
+
+impl TrigramsAnyCase {
+    /// `words`: lower-case, three bytes each.
+    pub fn new(words: &[&str]) -> Result<Self, String> {
+        if words
+            .iter()
+            .any(|w| w.len() != 3 || w.to_ascii_lowercase() != **w)
+        {
+            return Err(format!(
+                "case-insensitive trigrams must be 3 lower-case bytes: {words:?}"
+            ));
+        }
+        let teddy = packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder()
+            .extend(words)
+            .build();
+        let ac = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(words)
+            .map_err(|e| e.to_string())?;
+        Ok(TrigramsAnyCase { teddy, ac })
+    }
+
+    /// Calls `f(at)` for each word found in `hay`, in order, until `f`
+    /// returns true; returns whether it did.
+    pub fn any(&self, hay: &[u8], mut f: impl FnMut(usize) -> bool) -> bool {
+        let Some(teddy) = &self.teddy else {
+            return self.ac.find_overlapping_iter(hay).any(|m| f(m.start()));
+        };
+        let mut buf = [0u8; FOLD_CHUNK + 2];
+        let mut base = 0;
+        while base < hay.len() {
+            // Chunks overlap by two bytes, so a word across a boundary is
+            // seen whole in the first chunk, and only there.
+            let chunk = &hay[base..hay.len().min(base + FOLD_CHUNK + 2)];
+            for (d, s) in buf.iter_mut().zip(chunk) {
+                *d = s | 0x20;
+            }
+            let folded = &buf[..chunk.len()];
+            let mut from = 0;
+            while let Some(m) = teddy.find_in(folded, Span::from(from..folded.len())) {
+                if m.start() >= FOLD_CHUNK {
+                    break; // starts in the overlap: the next chunk's
+                }
+                if f(base + m.start()) {
+                    return true;
+                }
+                from = m.start() + 1;
+            }
+            base += FOLD_CHUNK;
+        }
+        false
+    }
+}
+
 /// The first ASCII digit at or after `from`, 32 bytes per step.
 #[cfg(target_arch = "x86_64")]
 fn next_digit(hay: &[u8], from: usize) -> Option<usize> {
@@ -429,6 +497,29 @@ mod tests {
         assert_eq!(windows("n 4111111111111111"), ["4111111111111111"]);
         let w = windows("iban GB82 WEST 1234 5698 7654 32 end");
         assert!(w[0].starts_with("GB82 WEST 1234"), "{w:?}");
+    }
+
+    #[test]
+    fn trigrams_are_found_in_any_case_and_across_chunks() {
+        let t = TrigramsAnyCase::new(&["key", "tok"]).unwrap();
+        let all = |hay: &[u8]| {
+            let mut out = Vec::new();
+            t.any(hay, |at| {
+                out.push(at);
+                false
+            });
+            out
+        };
+        assert_eq!(all(b"apiKey x_TOKEN kEy [EY {ey Key"), [3, 9, 15, 27]);
+        // `@`, `[` and `_` lower-case to `` ` ``, `{` and DEL: never letters.
+        assert!(all(b"@[_ k[y K_Y").is_empty());
+        for at in FOLD_CHUNK - 4..FOLD_CHUNK + 4 {
+            let mut hay = vec![b'.'; 3 * FOLD_CHUNK];
+            hay[at..at + 3].copy_from_slice(b"kEY");
+            hay[2 * FOLD_CHUNK + 1..2 * FOLD_CHUNK + 4].copy_from_slice(b"TOK");
+            assert_eq!(all(&hay), [at, 2 * FOLD_CHUNK + 1], "word at {at}");
+        }
+        assert!(TrigramsAnyCase::new(&["Key"]).is_err());
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub enum MaskStyle {
     /// Every letter or digit but the last four becomes `*`; separators stay
     /// (`****-****-****-1111`). Values shorter than 8 are masked whole.
     KeepLast4,
-    /// `tok_` + 16 base32 characters of HMAC-SHA256(host key, value): the
+    /// `tok_` + 16 base32 characters of a keyed BLAKE3 hash of the value
+    /// (under a key derived from the host key, see `mask.rs`): the
     /// same value always gives the same token, so events correlate without
     /// carrying the value.
     Token,

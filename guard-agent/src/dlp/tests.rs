@@ -608,3 +608,83 @@ fn a_mask_filter_rewrites_only_the_named_detectors() {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A JSON body where one raw scan finds nothing skips the walk; the walk
+/// finds more only in escaped strings and under secret-sounding keys. On
+/// tricky bodies, clean or not, the answer is the same as always walking.
+#[test]
+fn json_without_raw_hits_gets_the_same_answer_as_the_walk() {
+    let e = engine();
+    let ghp = format!("ghp_{}", r(36, ALNUM));
+    let pw = r(18, ALNUM);
+    // `\u0034` is `4`: the card only exists decoded.
+    let escaped_card =
+        r#"{"note":"card \u00341111111 1111 1111 1111"}"#.replace("1111111 ", "111 ");
+    let bodies: Vec<(String, bool)> = vec![
+        // Clean: no escapes, no secret-sounding name.
+        (
+            r#"{"id":1,"name":"a b","tags":["x","y"],"n":-1.5e3}"#.into(),
+            false,
+        ),
+        (r#"[{"a":{"b":[1,2,{"c":"d"}]}}]"#.into(), false),
+        // Not JSON at all, clean: the text fallback finds nothing either.
+        ("{not json".into(), false),
+        // Escapes hide values from the raw scan.
+        (escaped_card, true),
+        (
+            format!(r#"{{"k":"{}\u005f{}"}}"#, &ghp[..3], &ghp[4..]),
+            true,
+        ),
+        (r#"{"ssn":"536\u002d22\u002d1234"}"#.into(), true),
+        (r#"{"q":"say \"hi\" \/ \n","n":1}"#.into(), false),
+        // Keyed secrets: the value alone looks like nothing.
+        (format!(r#"{{"password":"{pw}"}}"#), true),
+        (
+            r#"{"user":{"creds":[{"apiKey":"Zx81kq0aLm3pQr7s"}]}}"#.into(),
+            true,
+        ),
+        (
+            r#"{"deep":[[[{"CLIENT_SECRET":"s3cr3tV4lue99x"}]]]}"#.into(),
+            true,
+        ),
+        (r#"{"Access-Key":"AbCdEf0123456789"}"#.into(), true),
+        (r#"{"pASSword":"qwertyuiop12"}"#.into(), true),
+        // A secret-sounding word in a value (not a key): walked, nothing.
+        (r#"{"note":"the token expired"}"#.into(), false),
+        // Raw hits: walked as before.
+        (
+            format!(r#"{{"a":{{"b":["{ghp}"]}},"n":4111111111111111}}"#),
+            true,
+        ),
+        // Invalid JSON with a keyed secret: the text fallback decides.
+        (format!(r#"{{"password":"{pw}""#), true),
+    ];
+    // Without generic-secret, secret-sounding keys still make the walk
+    // scan their values alone: the shortcut must not assume otherwise.
+    let no_generic = DlpSettings {
+        disabled: vec!["generic-secret".into()],
+        ..Default::default()
+    };
+    let no_generic = Engine::compile(&no_generic, MaskKey::new([3; 32])).unwrap();
+    for (body, found) in bodies {
+        let fast = e
+            .inspect_body(Some("application/json"), None, body.as_bytes())
+            .unwrap();
+        let walked = e.inspect_json_walked(body.as_bytes());
+        assert_eq!(fast, walked, "{body}");
+        assert_eq!(
+            !fast.findings.is_empty(),
+            found,
+            "{body}: {:?}",
+            fast.findings
+        );
+        let fast = no_generic
+            .inspect_body(Some("application/json"), None, body.as_bytes())
+            .unwrap();
+        assert_eq!(
+            fast,
+            no_generic.inspect_json_walked(body.as_bytes()),
+            "{body}"
+        );
+    }
+}
