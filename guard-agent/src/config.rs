@@ -67,6 +67,8 @@ pub struct ConfigFile {
     /// cgroups (and their descendants) never redirected, even below an
     /// attached cgroup.
     pub exclude_cgroups: Option<Vec<PathBuf>>,
+    /// Threads that carry connections (default: one per CPU).
+    pub worker_threads: Option<usize>,
 }
 
 /// Retention as written: `(max_age: "30d", max_bytes: 1073741824)`.
@@ -104,6 +106,7 @@ pub struct ConfigFlags {
     pub exclude_cgroups: Vec<PathBuf>,
     /// Take over from a running agent of the same state directory.
     pub takeover: bool,
+    pub worker_threads: Option<usize>,
 }
 
 /// How long and how much the event store keeps.
@@ -169,6 +172,8 @@ pub struct AgentConfig {
     /// Hand the running agent of this state directory over (SIGUSR2) and
     /// wait for it to drain before starting.
     pub takeover: bool,
+    /// Threads that carry connections (None: one per CPU).
+    pub worker_threads: Option<usize>,
 }
 
 /// A configuration problem, with where it is.
@@ -482,7 +487,18 @@ impl AgentConfig {
                 ));
             }
         }
+        let worker_threads = flags.worker_threads.or(file.worker_threads);
+        if let Some(n) = worker_threads {
+            if !(1..=256).contains(&n) {
+                return Err(field_err(
+                    &origin,
+                    "worker_threads",
+                    format!("{n}: must be between 1 and 256"),
+                ));
+            }
+        }
         Ok(Self {
+            worker_threads,
             fail_open_after,
             exclude_cgroups,
             takeover: flags.takeover,

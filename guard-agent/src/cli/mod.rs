@@ -164,6 +164,9 @@ pub struct RunArgs {
     /// cgroup (repeatable).
     #[arg(long = "exclude-cgroup", value_name = "PATH")]
     pub exclude_cgroups: Vec<PathBuf>,
+    /// Runtime worker threads: connections, TLS, detectors (default: one per CPU)
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
     /// Restart without a window: hand the running agent of this state
     /// directory over (SIGUSR2: it stops accepting, drains, exits leaving
     /// the programs attached), then start and take its attachments over.
@@ -209,9 +212,14 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         fail_open_after: args.fail_open_after,
         exclude_cgroups: args.exclude_cgroups,
         takeover: args.takeover,
+        worker_threads: args.worker_threads,
     };
     let cfg = AgentConfig::build(file, flags)?;
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(crate::daemon::run(cfg))?;
     Ok(())
 }
