@@ -428,6 +428,20 @@ fn proc_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system, all threads, in µs) a process has used so far,
+/// from `/proc/<pid>/stat` (clock ticks).
+fn proc_cpu_us(pid: u32) -> Option<f64> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &st[st.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: f64 = f.next()?.parse().ok()?;
+    let stime: f64 = f.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) * 1e6 / hz)
+}
+
 /// Samples the agent's VmRSS until dropped; keeps the highest.
 struct RssSampler {
     peak_kib: Arc<AtomicU64>,
@@ -502,7 +516,9 @@ impl Bench {
             .args(args);
         let (red0, err0) = counters(&self.agent);
         eprintln!("bench: {mode} {} ...", via.name());
+        let cpu0 = proc_cpu_us(self.agent.pid());
         let out = cmd.output().context("spawn bench-client")?;
+        let cpu1 = proc_cpu_us(self.agent.pid());
         if !out.status.success() {
             bail!(
                 "bench-client {mode} {} failed ({}): {}\nagent log:\n{}",
@@ -513,8 +529,15 @@ impl Bench {
             );
         }
         let line = String::from_utf8_lossy(&out.stdout);
-        let v: Value = serde_json::from_str(line.trim())
+        let mut v: Value = serde_json::from_str(line.trim())
             .with_context(|| format!("bench-client printed {line:?}"))?;
+        // The agent's CPU time per operation the client made (warm-up
+        // included): on a shared machine a steadier figure than rates.
+        if let (Via::Guard, Some(c0), Some(c1), Some(ops)) =
+            (via, cpu0, cpu1, v["operations"].as_u64())
+        {
+            v["agent_cpu_us_per_op"] = json!((c1 - c0) / ops.max(1) as f64);
+        }
         let conns = v["connections"].as_u64().unwrap_or(0);
         let (red1, err1) = counters(&self.agent);
         let redirected = red1 - red0;

@@ -137,7 +137,16 @@ fn split(n: u64, threads: u64, i: u64) -> u64 {
     n / threads + u64::from(i < n % threads)
 }
 
-fn summary(mode: &str, a: &ClientArgs, us: &mut [f64], secs: f64, connections: u64) -> Value {
+/// `operations`: requests (keep-alive) or connections (handshake) made in
+/// all, warm-up included.
+fn summary(
+    mode: &str,
+    a: &ClientArgs,
+    us: &mut [f64],
+    secs: f64,
+    connections: u64,
+    operations: u64,
+) -> Value {
     us.sort_by(f64::total_cmp);
     json!({
         "mode": mode,
@@ -145,6 +154,7 @@ fn summary(mode: &str, a: &ClientArgs, us: &mut [f64], secs: f64, connections: u
         "warmup": a.warmup,
         "threads": a.threads,
         "connections": connections,
+        "operations": operations,
         "secs": secs,
         "per_s": a.n as f64 / secs,
         "p50_us": percentile(us, 50.0),
@@ -199,7 +209,14 @@ pub fn keepalive_client(a: &ClientArgs) -> anyhow::Result<Value> {
         all.extend(us);
         close(s);
     }
-    Ok(summary("https-keepalive", a, &mut all, secs, threads))
+    Ok(summary(
+        "https-keepalive",
+        a,
+        &mut all,
+        secs,
+        threads,
+        a.n + a.warmup * threads,
+    ))
 }
 
 /// `--threads` threads, each: its share of `--n` new connections (full
@@ -246,6 +263,7 @@ pub fn handshake_client(a: &ClientArgs) -> anyhow::Result<Value> {
         a,
         &mut all,
         secs,
+        a.n + a.warmup,
         a.n + a.warmup,
     ))
 }
@@ -562,8 +580,16 @@ impl HttpsResults {
             })
             .unwrap_or_else(|| "-".into());
         m += &format!(
-            "| added latency per keep-alive request p50 (µs) | | {:.1} | {added_m} | | | |\n\n",
+            "| added latency per keep-alive request p50 (µs) | | {:.1} | {added_m} | | | |\n",
             self.added_p50()
+        );
+        m += &format!(
+            "| agent CPU per keep-alive request, 4 connections (µs) | | {:.1} | | | | |\n",
+            f(&self.keepalive_4.guard, "agent_cpu_us_per_op")
+        );
+        m += &format!(
+            "| agent CPU per new connection + 1 request, 4 threads (µs) | | {:.1} | | | | |\n\n",
+            f(&self.handshake_4.guard, "agent_cpu_us_per_op")
         );
         m += "| target | measured | result |\n|---|---:|:---:|\n";
         for (name, got, ok) in self.targets() {

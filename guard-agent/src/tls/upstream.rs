@@ -177,11 +177,15 @@ pub fn server_name(
 }
 
 /// Upstream TLS settings shared by all connections.
+///
+/// Every connection's `ClientConfig` is a copy of one base configuration:
+/// rustls resumes a session only under the very verifier and client
+/// credentials (the same `Arc`s) that made it, so a configuration built
+/// afresh per connection would never resume and would verify the upstream's
+/// certificate chain on every connection.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    verifier: Arc<WebPkiServerVerifier>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    resumption: Resumption,
+    base: ClientConfig,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -197,11 +201,13 @@ impl UpstreamTls {
         let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| UpstreamError::Config(e.to_string()))?;
-        Ok(Self {
-            verifier,
-            provider,
-            resumption: Resumption::in_memory_sessions(1024),
-        })
+        let mut base = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| UpstreamError::Config(e.to_string()))?
+            .with_webpki_verifier(verifier)
+            .with_no_client_auth();
+        base.resumption = Resumption::in_memory_sessions(1024);
+        Ok(Self { base })
     }
 
     /// Upstream TLS trusting the roots `sources` describe.
@@ -211,15 +217,12 @@ impl UpstreamTls {
 
     /// A client configuration offering `alpn` (e.g. the protocols the
     /// intercepted client offered), in that order.
-    pub fn client_config(&self, alpn: &[String]) -> Result<Arc<ClientConfig>, UpstreamError> {
-        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| UpstreamError::Config(e.to_string()))?
-            .with_webpki_verifier(self.verifier.clone())
-            .with_no_client_auth();
+    /// It shares the verifier, the client credentials and the session
+    /// store with every other connection's, so sessions resume.
+    pub fn client_config(&self, alpn: &[String]) -> Arc<ClientConfig> {
+        let mut config = self.base.clone();
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        config.resumption = self.resumption.clone();
-        Ok(Arc::new(config))
+        Arc::new(config)
     }
 
     /// Runs the TLS handshake with the upstream over `io` (an established
@@ -234,7 +237,7 @@ impl UpstreamTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let config = self.client_config(alpn)?;
+        let config = self.client_config(alpn);
         let server = server_name.to_str().into_owned();
         tokio_rustls::TlsConnector::from(config)
             .connect(server_name, io)
@@ -476,6 +479,28 @@ mod tests {
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"pong");
+    }
+
+    #[tokio::test]
+    async fn a_second_connection_to_the_same_upstream_resumes_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("Upstream test CA");
+        let upstream = UpstreamTls::from_sources(&only_extra(ca.write_pem(dir.path()))).unwrap();
+        // One server configuration (one session cache), as one real server.
+        let server = ca.valid_server("upstream.test");
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            let mut tls = connect(&upstream, server.clone(), "upstream.test")
+                .await
+                .unwrap();
+            // The server's tickets arrive before its answer.
+            tls.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.unwrap();
+            kinds.push(tls.get_ref().1.handshake_kind());
+        }
+        use rustls::HandshakeKind::{Full, Resumed};
+        assert_eq!(kinds, [Some(Full), Some(Resumed), Some(Resumed)]);
     }
 
     #[tokio::test]
