@@ -76,7 +76,8 @@ impl Drivers {
                 Poll::Pending => break,
             }
         }
-        self.running.retain_mut(|c| c.as_mut().poll(cx).is_pending());
+        self.running
+            .retain_mut(|c| c.as_mut().poll(cx).is_pending());
         if closed && self.running.is_empty() {
             Poll::Ready(())
         } else {
