@@ -23,7 +23,10 @@
 //! threads: requests/s; (3) new connection per request, sequential: the
 //! time from `connect()` to the end of the response (TCP + full TLS
 //! handshake + one request) and connections/s; (4) the same on 4 threads:
-//! connections/s. The upstream legs use each proxy's own defaults (Guard
+//! connections/s. For each Guard run the report also gives the agent's CPU
+//! time (user + system, `/proc/<pid>/stat`) per request or per new
+//! connection, warm-up included: on a shared machine a steadier figure than
+//! rates. The upstream legs use each proxy's own defaults (Guard
 //! keeps TLS sessions to upstreams; mitmproxy's OpenSSL may too): what a
 //! client sees is what is measured.
 //!
