@@ -197,7 +197,7 @@ impl std::fmt::Debug for UpstreamTls {
 impl UpstreamTls {
     /// Upstream TLS trusting exactly `roots`.
     pub fn new(roots: Arc<RootCertStore>) -> Result<Self, UpstreamError> {
-        let provider = super::crypto_provider();
+        let provider = Arc::new(prefer_sha256_suite(&super::crypto_provider()));
         let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| UpstreamError::Config(e.to_string()))?;
@@ -248,6 +248,20 @@ impl UpstreamTls {
                 source,
             })
     }
+}
+
+/// The provider with TLS_AES_128_GCM_SHA256 offered first (the others keep
+/// their order): its key schedule hashes with SHA-256, which has CPU
+/// instructions here, where SHA-384 (of the AES-256 suite) does not, and it
+/// is the suite every TLS 1.3 server must support. Only the agent's own
+/// offer to upstreams changes; the client's choice on its leg is honoured.
+fn prefer_sha256_suite(
+    provider: &rustls::crypto::CryptoProvider,
+) -> rustls::crypto::CryptoProvider {
+    let mut p = provider.clone();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    p
 }
 
 /// A readable reason for an I/O error from a TLS stream: the rustls error
@@ -501,6 +515,34 @@ mod tests {
         }
         use rustls::HandshakeKind::{Full, Resumed};
         assert_eq!(kinds, [Some(Full), Some(Resumed), Some(Resumed)]);
+    }
+
+    #[tokio::test]
+    async fn upstreams_are_offered_aes_128_gcm_sha256_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("Upstream test CA");
+        let upstream = UpstreamTls::from_sources(&only_extra(ca.write_pem(dir.path()))).unwrap();
+        let offered: Vec<_> = upstream
+            .client_config(&[])
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(offered[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert_eq!(offered.len(), crypto_provider_suites());
+        // A server that follows the client's order (rustls does) picks it.
+        let tls = connect(&upstream, ca.valid_server("upstream.test"), "upstream.test")
+            .await
+            .unwrap();
+        assert_eq!(
+            tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
+
+    fn crypto_provider_suites() -> usize {
+        crate::tls::crypto_provider().cipher_suites.len()
     }
 
     #[tokio::test]
