@@ -9,6 +9,5 @@ pub mod body;
 pub mod headers;
 pub mod inspect;
 pub mod pipeline;
-pub mod same_task;
 pub mod upgrade;
 pub mod upstream;

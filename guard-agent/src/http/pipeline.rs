@@ -78,9 +78,6 @@ where
     // the upgraded sessions end and record themselves.
     let upgrades = Upgrades::default();
     let (_stop, stopped) = tokio::sync::watch::channel(());
-    // The upstream connections are driven by this task, alongside the
-    // client's (see `same_task`).
-    let drivers = ctx.upstream.as_ref().ok().and_then(|u| u.take_drivers());
     let tasks = upgrades.clone();
     let svc = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
@@ -88,9 +85,8 @@ where
         let stopped = stopped.clone();
         async move { Ok::<_, Infallible>(handle(req, ctx, tasks, stopped).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let server = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    let res = super::same_task::serve_with_upstream(server, drivers)
+    let res = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
         .map_err(|e| e.to_string());
     let pending = std::mem::take(&mut *upgrades.0.lock().unwrap_or_else(|e| e.into_inner()));

@@ -9,10 +9,6 @@
 //! version and no translation is needed. Upstream certificate problems are
 //! never hidden: they surface as [`UpstreamFailure`] for a 502.
 //!
-//! The hyper client connections are driven by the task that serves the
-//! client connection (see [`super::same_task`]): take them with
-//! [`Upstream::take_drivers`].
-//!
 //! Requests on HTTP/1.1 are sent one at a time, as the client sends them;
 //! when the upstream closes a keep-alive connection, the next request opens
 //! a new one. HTTP/2 requests are multiplexed on one connection.
@@ -24,7 +20,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, sync::Mutex};
 
-use super::same_task::{self, DriverHandle, Drivers};
 use crate::{
     intercept::connect::{connect_tcp, describe_connect_error, CONNECT_TIMEOUT},
     tls::upstream::UpstreamTls,
@@ -60,10 +55,6 @@ enum Sender {
 }
 
 /// A lazily (re)connected upstream.
-///
-/// Dropped with its connection futures never taken (the client side was
-/// never served), it hands them to a task of their own, which ends them
-/// cleanly.
 pub struct Upstream {
     target: UpstreamTarget,
     sender: Mutex<Option<Sender>>,
@@ -71,10 +62,6 @@ pub struct Upstream {
     pub alpn: Option<String>,
     /// TLS version with the upstream, e.g. "TLSv1_3".
     pub tls_version: Option<String>,
-    /// Where connection futures go to be driven.
-    driver: DriverHandle,
-    /// The other end, until the serving task takes it.
-    drivers: std::sync::Mutex<Option<Drivers>>,
 }
 
 struct Connected {
@@ -83,18 +70,14 @@ struct Connected {
     tls_version: Option<String>,
 }
 
-async fn handshake(
-    target: &UpstreamTarget,
-    tcp: TcpStream,
-    driver: &DriverHandle,
-) -> Result<Connected, UpstreamFailure> {
+async fn handshake(target: &UpstreamTarget, tcp: TcpStream) -> Result<Connected, UpstreamFailure> {
     let fail = |reason: String, tls: bool| UpstreamFailure { reason, tls };
     match &target.tls {
         None => {
             let (sender, conn) = conn::http1::handshake(TokioIo::new(tcp))
                 .await
                 .map_err(|e| fail(format!("upstream HTTP handshake failed: {e}"), false))?;
-            driver.drive(async move {
+            tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
             });
             Ok(Connected {
@@ -123,7 +106,7 @@ async fn handshake(
                         .map_err(|e| {
                             fail(format!("upstream HTTP/2 handshake failed: {e}"), false)
                         })?;
-                driver.drive(async move {
+                tokio::spawn(async move {
                     let _ = conn.await;
                 });
                 Sender::H2(sender)
@@ -131,7 +114,7 @@ async fn handshake(
                 let (sender, conn) = conn::http1::handshake(TokioIo::new(stream))
                     .await
                     .map_err(|e| fail(format!("upstream HTTP handshake failed: {e}"), false))?;
-                driver.drive(async move {
+                tokio::spawn(async move {
                     let _ = conn.with_upgrades().await;
                 });
                 Sender::H1(sender)
@@ -149,25 +132,13 @@ impl Upstream {
     /// Sets up the first upstream connection over an already connected
     /// TCP stream (TLS handshake included).
     pub async fn start(target: UpstreamTarget, tcp: TcpStream) -> Result<Self, UpstreamFailure> {
-        let (driver, drivers) = same_task::drivers();
-        let c = handshake(&target, tcp, &driver).await?;
+        let c = handshake(&target, tcp).await?;
         Ok(Self {
             target,
             sender: Mutex::new(Some(c.sender)),
             alpn: c.alpn,
             tls_version: c.tls_version,
-            driver,
-            drivers: std::sync::Mutex::new(Some(drivers)),
         })
-    }
-
-    /// The connection futures, for the task serving the client connection
-    /// to drive (once; None afterwards).
-    pub fn take_drivers(&self) -> Option<Drivers> {
-        self.drivers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
     }
 
     async fn reconnect(&self) -> Result<Sender, UpstreamFailure> {
@@ -177,7 +148,7 @@ impl Upstream {
                 reason: describe_connect_error(&e),
                 tls: false,
             })?;
-        Ok(handshake(&self.target, tcp, &self.driver).await?.sender)
+        Ok(handshake(&self.target, tcp).await?.sender)
     }
 
     /// Sends one request and returns the upstream's response head and body.
@@ -216,18 +187,5 @@ impl Upstream {
             self.sender.lock().await.as_ref(),
             Some(Sender::H1(_)) | None
         )
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let untaken = self
-            .drivers
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let (Some(drivers), Ok(_)) = (untaken, tokio::runtime::Handle::try_current()) {
-            drivers.run_on();
-        }
     }
 }
