@@ -5,12 +5,6 @@
 //! One module per concern (see ARCHITECTURE.md for the map). Only `intercept`
 //! and `http` sit on the hot path.
 
-/// mimalloc instead of glibc's malloc: request bodies and their masked
-/// copies are large, short-lived buffers; glibc maps and unmaps them (page
-/// faults on every request), mimalloc keeps reusing the same pages.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod admin;
 pub mod approval;
 pub mod bpf;
