@@ -651,6 +651,37 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_are_taken_from_file_or_flag_and_bounded() {
+        assert_eq!(
+            parse(r#"(cgroups: ["/a"], worker_threads: 2)"#)
+                .unwrap()
+                .worker_threads,
+            Some(2)
+        );
+        assert_eq!(parse(r#"(cgroups: ["/a"])"#).unwrap().worker_threads, None);
+        let p = Path::new("/etc/guard/agent.ron");
+        let f = ConfigFile::parse(p, r#"(cgroups: ["/a"], worker_threads: 2)"#).unwrap();
+        let flags = ConfigFlags {
+            worker_threads: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            AgentConfig::build(Some((p, f)), flags)
+                .unwrap()
+                .worker_threads,
+            Some(3),
+            "the flag wins over the file"
+        );
+        let e = parse(r#"(cgroups: ["/a"], worker_threads: 0)"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("worker_threads") && e.contains("between 1 and 256"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn fail_open_and_excluded_cgroups_are_validated() {
         let c = parse(r#"(cgroups: ["/a"], fail_open_after: "5s", exclude_cgroups: ["/a/b"])"#)
             .unwrap();
