@@ -200,6 +200,7 @@ async fn handle(
         if let Some(dns) = &ctx.dns {
             // DNS over TCP goes through the resolver, one event per query.
             ctx.counters.active.fetch_sub(1, Ordering::Relaxed);
+            let _ = client.set_nodelay(true);
             dns.serve_tcp(client, orig, peer, stop).await;
             return;
         }
