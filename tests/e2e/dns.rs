@@ -398,28 +398,6 @@ fn a_blocked_name_gets_nxdomain_and_a_tunnelling_name_is_flagged() {
     );
 }
 
-/// Sends one UDP datagram to each target with sendto and with connect+send;
-/// prints `TARGET sendto=ok|EPERM connect=ok|EPERM`.
-const PY_UDP_PROBE: &str = r#"
-import socket, sys
-for t in sys.argv[1:]:
-    host, port = t.rsplit(':', 1)
-    host = host.strip('[]')
-    fam = socket.AF_INET6 if ':' in host else socket.AF_INET
-    res = []
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    try:
-        s.sendto(b'probe', (host, int(port))); res.append('sendto=ok')
-    except PermissionError:
-        res.append('sendto=EPERM')
-    c = socket.socket(fam, socket.SOCK_DGRAM)
-    try:
-        c.connect((host, int(port))); c.send(b'probe'); res.append('connect=ok')
-    except PermissionError:
-        res.append('connect=EPERM')
-    print(t, ' '.join(res))
-"#;
-
 #[test]
 fn quic_is_refused_inside_the_scope_and_untouched_outside() {
     require_root();
@@ -435,7 +413,12 @@ fn quic_is_refused_inside_the_scope_and_untouched_outside() {
 
     let inside = cg
         .command("python3")
-        .args(["-c", PY_UDP_PROBE, "127.0.0.2:443", "[::1]:443"])
+        .args([
+            "-c",
+            guard_harness::PY_UDP_PROBE,
+            "127.0.0.2:443",
+            "[::1]:443",
+        ])
         .arg(&other_target)
         .output()
         .unwrap();
@@ -453,7 +436,7 @@ fn quic_is_refused_inside_the_scope_and_untouched_outside() {
 
     // The same probe from a process outside the monitored cgroup.
     let outside = Command::new("python3")
-        .args(["-c", PY_UDP_PROBE, "127.0.0.2:443"])
+        .args(["-c", guard_harness::PY_UDP_PROBE, "127.0.0.2:443"])
         .output()
         .unwrap();
     let t = text(&outside);

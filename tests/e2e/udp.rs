@@ -13,26 +13,6 @@ use std::{
 
 use guard_harness::{agent_bin, require_root, Agent, AgentOptions, TestCgroup};
 
-/// Sends one UDP datagram to each target with sendto and with connect+send;
-/// prints `TARGET sendto=ok|EPERM connect=ok|EPERM`.
-const PY_UDP_PROBE: &str = r#"
-import socket, sys
-for t in sys.argv[1:]:
-    host, port = t.rsplit(':', 1)
-    res = []
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.sendto(b'probe', (host, int(port))); res.append('sendto=ok')
-    except PermissionError:
-        res.append('sendto=EPERM')
-    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        c.connect((host, int(port))); c.send(b'probe'); res.append('connect=ok')
-    except PermissionError:
-        res.append('connect=EPERM')
-    print(t, ' '.join(res))
-"#;
-
 fn policy(block_port: Option<u16>) -> String {
     let rule = match block_port {
         Some(port) => format!(
@@ -83,7 +63,7 @@ fn adjacent_receivers() -> (UdpSocket, UdpSocket, u16) {
 fn probe(cg: &TestCgroup, targets: &[String]) -> String {
     let out = cg
         .command("python3")
-        .args(["-c", PY_UDP_PROBE])
+        .args(["-c", guard_harness::PY_UDP_PROBE])
         .args(targets)
         .output()
         .unwrap();

@@ -157,6 +157,28 @@ pub fn agent_bin() -> PathBuf {
 /// discard port on loopback, where nothing listens.
 pub const TEST_DNS_UPSTREAM: &str = "127.0.0.1:9";
 
+/// Sends one UDP datagram to each target (`HOST:PORT`, IPv6 as
+/// `[::1]:PORT`) with sendto and with connect+send; prints `TARGET sendto=ok|EPERM connect=ok|EPERM`.
+pub const PY_UDP_PROBE: &str = r#"
+import socket, sys
+for t in sys.argv[1:]:
+    host, port = t.rsplit(':', 1)
+    host = host.strip('[]')
+    fam = socket.AF_INET6 if ':' in host else socket.AF_INET
+    res = []
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b'probe', (host, int(port))); res.append('sendto=ok')
+    except PermissionError:
+        res.append('sendto=EPERM')
+    c = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        c.connect((host, int(port))); c.send(b'probe'); res.append('connect=ok')
+    except PermissionError:
+        res.append('connect=EPERM')
+    print(t, ' '.join(res))
+"#;
+
 /// How to start an agent.
 #[derive(Clone, Debug, Default)]
 pub struct AgentOptions {
