@@ -319,6 +319,25 @@ mod tests {
         Event::connection(OffsetDateTime::now_utc() - time::Duration::seconds(secs_ago))
     }
 
+    /// Opens a store this process has just dropped. sled's I/O threads may
+    /// still hold the file lock for a moment after the last handle goes
+    /// (a new process never sees this: the lock dies with the old one).
+    fn reopen(path: &Path) -> EventStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match EventStore::open(path) {
+                Ok(s) => return s,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("reopening the store: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn events_survive_a_reopen_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -329,7 +348,7 @@ mod tests {
             assert!(b[0].id < b[1].id && b[1].id < b[2].id);
             s.flush().unwrap();
         }
-        let s = EventStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let all = s.query(&EventFilter::default()).unwrap();
         assert_eq!(all.len(), 3);
         assert!(all.windows(2).all(|w| w[0].id < w[1].id));
