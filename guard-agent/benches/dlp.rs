@@ -10,6 +10,8 @@ mod dlp_data;
 use dlp_data::{json, text};
 
 fn bench(c: &mut Criterion) {
+    // The agent's allocator settings, so the figures are the agent's.
+    guard_agent::allocator::tune_for_body_buffers();
     let engine = Engine::compile(&DlpSettings::default(), MaskKey::new([9; 32]))
         .expect("default settings compile");
     let inputs = [

@@ -48,6 +48,8 @@ fn engine() -> Engine {
 }
 
 fn main() {
+    // The agent's allocator settings, so the figures are the agent's.
+    guard_agent::allocator::tune_for_body_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("generate") if args.len() == 3 => {

@@ -6,6 +6,7 @@
 //! and `http` sit on the hot path.
 
 pub mod admin;
+pub mod allocator;
 pub mod approval;
 pub mod bpf;
 pub mod cgroup;

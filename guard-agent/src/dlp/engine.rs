@@ -76,6 +76,8 @@ pub(crate) fn build_regex(patterns: &[&str]) -> Result<Regex, String> {
 /// One detector, compiled.
 pub(crate) struct Compiled {
     pub name: Arc<str>,
+    /// `[REDACTED:<name>]`, made once.
+    redacted: compact_str::CompactString,
     pub class: DetectorClass,
     regex: Regex,
     has_groups: bool,
@@ -300,6 +302,7 @@ impl Engine {
             let idx = detectors.len();
             detectors.push(Compiled {
                 name: Arc::from(d.name),
+                redacted: mask::redaction(d.name),
                 class: d.class,
                 has_groups: needs_captures(d.pattern),
                 regex,
@@ -342,6 +345,7 @@ impl Engine {
             let idx = detectors.len();
             detectors.push(Compiled {
                 name: Arc::from(c.name.as_str()),
+                redacted: mask::redaction(&c.name),
                 class: c.class,
                 has_groups: needs_captures(&c.regex),
                 regex,
@@ -632,7 +636,7 @@ impl Engine {
             class: d.class,
             location,
             range,
-            masked: mask::render(d.mask, &d.name, &hash, value),
+            masked: mask::render(d.mask, &d.redacted, &hash, value),
             fingerprint: hash.fingerprint(),
         }
     }

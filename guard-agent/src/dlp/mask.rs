@@ -9,6 +9,8 @@
 //! What it must never do: hash a value without the key, or write the value
 //! (or the key) anywhere.
 
+use compact_str::CompactString;
+
 use crate::dlp::settings::MaskStyle;
 
 /// BLAKE3 `derive_key` context: the key for value hashes is derived from
@@ -51,25 +53,30 @@ impl std::fmt::Debug for MaskKey {
 pub(crate) struct ValueHash([u8; 32]);
 
 impl ValueHash {
-    /// `tok_` + 16 base32 characters (80 bits).
-    pub fn token(&self) -> String {
-        let mut out = String::with_capacity(20);
-        out.push_str("tok_");
-        base32_into(&self.0[TOKEN_BYTES], &mut out);
-        out
+    /// `tok_` + 16 base32 characters (80 bits), held inline.
+    pub fn token(&self) -> CompactString {
+        let mut out = [0u8; 20];
+        out[..4].copy_from_slice(b"tok_");
+        base32_into(&self.0[TOKEN_BYTES], &mut out[4..]);
+        ascii(&out)
     }
 
-    /// `fp_` + 12 hex (48 bits).
-    pub fn fingerprint(&self) -> String {
+    /// `fp_` + 12 hex (48 bits), held inline.
+    pub fn fingerprint(&self) -> CompactString {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(15);
-        out.push_str("fp_");
-        for b in &self.0[FINGERPRINT_BYTES] {
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 15)] as char);
+        let mut out = [0u8; 15];
+        out[..3].copy_from_slice(b"fp_");
+        for (i, b) in self.0[FINGERPRINT_BYTES].iter().enumerate() {
+            out[3 + 2 * i] = HEX[usize::from(b >> 4)];
+            out[4 + 2 * i] = HEX[usize::from(b & 15)];
         }
-        out
+        ascii(&out)
     }
+}
+
+/// An inline string of ASCII bytes written here.
+fn ascii(bytes: &[u8]) -> CompactString {
+    CompactString::from_utf8(bytes).expect("only ASCII is written")
 }
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -77,31 +84,34 @@ const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 /// RFC 4648 base32, lowercase, no padding.
 #[cfg(test)]
 fn base32(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+    let mut out = vec![0u8; (bytes.len() * 8).div_ceil(5)];
     base32_into(bytes, &mut out);
-    out
+    String::from_utf8(out).expect("base32 is ASCII")
 }
 
-/// Appends RFC 4648 base32 (lowercase, no padding) of `bytes` to `out`.
-fn base32_into(bytes: &[u8], out: &mut String) {
+/// Writes RFC 4648 base32 (lowercase, no padding) of `bytes` into `out`,
+/// which holds exactly `ceil(8 * bytes.len() / 5)` bytes.
+fn base32_into(bytes: &[u8], out: &mut [u8]) {
     let mut acc = 0u64;
     let mut bits = 0u32;
+    let mut at = 0;
     for &b in bytes {
         acc = (acc << 8) | u64::from(b);
         bits += 8;
         while bits >= 5 {
             bits -= 5;
-            out.push(BASE32[((acc >> bits) & 31) as usize] as char);
+            out[at] = BASE32[((acc >> bits) & 31) as usize];
+            at += 1;
         }
     }
     if bits > 0 {
-        out.push(BASE32[((acc << (5 - bits)) & 31) as usize] as char);
+        out[at] = BASE32[((acc << (5 - bits)) & 31) as usize];
     }
 }
 
 /// `tok_` + 16 base32 characters (80 bits) of the keyed hash of `value`.
 pub fn token(key: &MaskKey, value: &[u8]) -> String {
-    key.hash(value).token()
+    key.hash(value).token().into()
 }
 
 /// A short keyed fingerprint (`fp_` + 12 hex, 48 bits) for values such as
@@ -109,26 +119,52 @@ pub fn token(key: &MaskKey, value: &[u8]) -> String {
 /// apart from "another one", not enough to search a dictionary without the
 /// key.
 pub fn fingerprint(key: &MaskKey, value: &[u8]) -> String {
-    key.hash(value).fingerprint()
+    key.hash(value).fingerprint().into()
 }
 
-/// The replacement text for `value` found by `detector`, whose keyed hash
-/// is `hash`.
-pub(crate) fn render(style: MaskStyle, detector: &str, hash: &ValueHash, value: &[u8]) -> String {
+/// The redaction marker of a detector: `[REDACTED:<name>]`.
+pub(crate) fn redaction(detector: &str) -> CompactString {
+    compact_str::format_compact!("[REDACTED:{detector}]")
+}
+
+/// The replacement text for `value`, whose keyed hash is `hash`;
+/// `redacted` is the detector's [`redaction`]. Inline (no allocation) up
+/// to 24 bytes.
+pub(crate) fn render(
+    style: MaskStyle,
+    redacted: &CompactString,
+    hash: &ValueHash,
+    value: &[u8],
+) -> CompactString {
     match style {
-        MaskStyle::Redact => {
-            let mut out = String::with_capacity(11 + detector.len());
-            out.push_str("[REDACTED:");
-            out.push_str(detector);
-            out.push(']');
-            out
-        }
+        MaskStyle::Redact => redacted.clone(),
         MaskStyle::Token => hash.token(),
         MaskStyle::KeepLast4 => keep_last4(value),
     }
 }
 
-fn keep_last4(value: &[u8]) -> String {
+fn keep_last4(value: &[u8]) -> CompactString {
+    const INLINE: usize = 24;
+    if value.len() <= INLINE && value.is_ascii() {
+        // The common case (card numbers), on the stack.
+        let alnum = value.iter().filter(|b| b.is_ascii_alphanumeric()).count();
+        let keep = if alnum >= 8 { 4 } else { 0 };
+        let mut out = [0u8; INLINE];
+        let mut seen = 0;
+        for (o, &b) in out.iter_mut().zip(value) {
+            *o = if b.is_ascii_alphanumeric() {
+                seen += 1;
+                if seen > alnum - keep {
+                    b
+                } else {
+                    b'*'
+                }
+            } else {
+                b
+            };
+        }
+        return ascii(&out[..value.len()]);
+    }
     let text = String::from_utf8_lossy(value);
     let alnum = text.chars().filter(|c| c.is_alphanumeric()).count();
     let keep = if alnum >= 8 { 4 } else { 0 };

@@ -38,6 +38,7 @@ mod settings;
 mod stream;
 mod validators;
 
+use compact_str::CompactString;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -85,11 +86,12 @@ pub struct Finding {
     /// the header value, the URL, or the stream), in its encoded form
     /// (JSON escapes, percent-encoding) when it has one.
     pub range: Range<usize>,
-    /// What the value was (or would be) replaced with.
-    pub masked: String,
+    /// What the value was (or would be) replaced with (inline up to 24
+    /// bytes: most masks cost no allocation).
+    pub masked: CompactString,
     /// `fp_` + 12 hex of a keyed hash of the value: same value, same
     /// fingerprint, for this host key.
-    pub fingerprint: String,
+    pub fingerprint: CompactString,
 }
 
 /// Everything that can go wrong compiling settings or decoding a body.

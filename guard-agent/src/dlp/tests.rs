@@ -273,6 +273,23 @@ fn invalid_json_falls_back_to_text() {
 }
 
 #[test]
+fn json_cut_after_a_backslash_falls_back_to_text() {
+    // A string whose last byte is an escape's backslash: the parser must
+    // stop at the end of the body, not read past it.
+    let e = engine();
+    for body in [&b"[\"4111111111111111 \\"[..], b"\"\\", b"{\"k\":\"\\"] {
+        let ins = e
+            .inspect_body(Some("application/json"), None, body)
+            .unwrap();
+        assert!(ins.findings.iter().all(|f| f.location == Location::Text));
+    }
+    let ins = e
+        .inspect_body(Some("application/json"), None, b"[\"4111111111111111 \\")
+        .unwrap();
+    assert_eq!(ins.findings.len(), 1, "{ins:?}");
+}
+
+#[test]
 fn form_fields_are_located_and_stay_form_encoded() {
     let e = engine();
     let body = b"user=bob&password=Hunter2%21xyz&card=4111+1111+1111+1111&q=hello";

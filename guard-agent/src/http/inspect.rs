@@ -98,8 +98,8 @@ impl Located {
         FindingRecord {
             detector: self.finding.detector.to_string(),
             location,
-            masked: self.finding.masked.clone(),
-            fingerprint: self.finding.fingerprint.clone(),
+            masked: self.finding.masked.to_string(),
+            fingerprint: self.finding.fingerprint.to_string(),
             goes_home: self.goes_home,
             applied,
         }
