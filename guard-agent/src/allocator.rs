@@ -30,6 +30,10 @@ pub const MMAP_THRESHOLD: usize = 8 << 20;
 /// this size.
 pub const TRIM_THRESHOLD: usize = 16 << 20;
 
+// The build fails if the inspection buffer outgrows the threshold.
+const _: () = assert!(MMAP_THRESHOLD >= crate::http::inspect::MAX_INSPECT_BYTES);
+const _: () = assert!(TRIM_THRESHOLD >= MMAP_THRESHOLD);
+
 /// Sets glibc's mmap and trim thresholds (see the module doc). Call once,
 /// first thing in `main`, before threads start. Returns whether both were
 /// set (always `false` off glibc).
@@ -58,11 +62,5 @@ mod tests {
         // glibc caps M_MMAP_THRESHOLD at 32 MiB on 64-bit (HEAP_MAX / 2):
         // a larger value would be refused, and this would fail.
         assert!(tune_for_body_buffers());
-    }
-
-    #[test]
-    fn thresholds_cover_the_inspection_buffer() {
-        assert!(MMAP_THRESHOLD >= crate::http::inspect::MAX_INSPECT_BYTES);
-        assert!(TRIM_THRESHOLD >= MMAP_THRESHOLD);
     }
 }
