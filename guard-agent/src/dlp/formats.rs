@@ -4,7 +4,7 @@
 //! written back encoded the same way, so the result is still valid in its
 //! format.
 
-use std::fmt::Write as _;
+use compact_str::CompactString;
 use std::ops::Range;
 
 use crate::dlp::encoding::{self, Encoding};
@@ -727,13 +727,24 @@ enum Step {
 }
 
 impl JsonPath {
-    fn render(&self, doc: &[u8]) -> String {
-        let mut path = String::from("$");
+    /// The key the current value sits under, if it is an object member.
+    fn key(&self) -> Option<Range<usize>> {
+        match self.0.last() {
+            Some(Step::Key(k)) => Some(k.clone()),
+            _ => None,
+        }
+    }
+
+    /// `$.a.b[0]`: inline (no allocation) up to 24 bytes.
+    fn render(&self, doc: &[u8]) -> CompactString {
+        let mut path = CompactString::const_new("$");
         for step in &self.0 {
             match step {
                 Step::Key(k) => push_key(&mut path, &doc[k.clone()]),
                 Step::Index(n) => {
-                    let _ = write!(path, "[{n}]");
+                    path.push_str("[");
+                    path.push_str(itoa::Buffer::new().format(*n));
+                    path.push_str("]");
                 }
             }
         }
@@ -754,7 +765,7 @@ fn json_walk(b: &[u8], visit: impl FnMut(&Leaf, &JsonPath)) -> bool {
     };
     let mut path = JsonPath::default();
     p.ws();
-    if p.value(&mut path, None).is_none() {
+    if p.value(&mut path).is_none() {
         return false;
     }
     p.ws();
@@ -793,7 +804,9 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
         }
     }
 
-    fn value(&mut self, path: &mut JsonPath, key: Option<Range<usize>>) -> Option<()> {
+    /// Consumes one value; a string or number goes to the visitor with the
+    /// key it sits under (the last step of `path`, if a key).
+    fn value(&mut self, path: &mut JsonPath) -> Option<()> {
         self.depth += 1;
         if self.depth > 256 {
             return None;
@@ -802,6 +815,7 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
         match c {
             b'"' => {
                 let r = self.string()?;
+                let key = path.key();
                 (self.visit)(
                     &Leaf {
                         range: r,
@@ -826,8 +840,8 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
                         }
                         self.i += 1;
                         self.ws();
-                        path.0.push(Step::Key(k.clone()));
-                        self.value(path, Some(k))?;
+                        path.0.push(Step::Key(k));
+                        self.value(path)?;
                         path.0.pop();
                         self.ws();
                         match self.b.get(self.i)? {
@@ -851,7 +865,7 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
                     loop {
                         self.ws();
                         path.0.push(Step::Index(n));
-                        self.value(path, None)?;
+                        self.value(path)?;
                         path.0.pop();
                         n += 1;
                         self.ws();
@@ -887,6 +901,7 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
                 {
                     self.i += 1;
                 }
+                let key = path.key();
                 (self.visit)(
                     &Leaf {
                         range: s..self.i,
@@ -939,7 +954,7 @@ fn quote_or_backslash(hay: &[u8], from: usize) -> Option<usize> {
     memchr::memchr2(b'"', b'\\', hay.get(from..)?).map(|k| from + k)
 }
 
-fn push_key(path: &mut String, raw: &[u8]) {
+fn push_key(path: &mut CompactString, raw: &[u8]) {
     let ident = !raw.is_empty()
         && raw
             .iter()

@@ -61,8 +61,9 @@ pub enum Location {
     QueryParam(String),
     /// A header, by lower-case name.
     Header(String),
-    /// A JSON value, by path (`$.user.cards[0].number`).
-    Json(String),
+    /// A JSON value, by path (`$.user.cards[0].number`); inline up to 24
+    /// bytes.
+    Json(CompactString),
     /// An `application/x-www-form-urlencoded` field, by decoded name.
     FormField(String),
     /// A `multipart/form-data` part, by name and filename.

@@ -245,7 +245,7 @@ fn json_paths_are_reported_and_masked_json_parses() {
         ("aws-access-key-id", "$.esc"),
     ] {
         assert!(
-            got.contains(&(d.to_string(), Location::Json(p.to_string()))),
+            got.contains(&(d.to_string(), Location::Json(p.into()))),
             "{d} at {p} not in {got:?}"
         );
     }
