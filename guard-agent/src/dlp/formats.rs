@@ -603,12 +603,7 @@ impl Engine {
         let mut key_is_secret: [Option<(&[u8], bool)>; 64] = [None; 64];
         let mut secret_key = |k: Range<usize>| -> bool {
             let k: &[u8] = &body[k];
-            // FNV-1a: every byte counts (`name` and `note` must not share
-            // a slot, as they would by length and end bytes).
-            let h = k.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-            });
-            let slot = (h >> 58) as usize;
+            let slot = key_slot(k);
             match key_is_secret[slot] {
                 Some((key, yes)) if key == k => yes,
                 _ => {
@@ -706,6 +701,22 @@ impl Engine {
     }
 }
 
+/// A slot in a 64-entry cache for a JSON key: a multiplicative hash of its
+/// first and last (up to) 8 bytes and its length, two loads instead of a
+/// loop over the bytes (keys of one array of objects differ early or late:
+/// `name` and `note` must not share a slot, as they would by length and end
+/// bytes alone).
+fn key_slot(k: &[u8]) -> usize {
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    let n = k.len().min(8);
+    let h = word(&k[..n]) ^ word(&k[k.len() - n..]).rotate_left(29) ^ k.len() as u64;
+    (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize
+}
+
 struct Leaf {
     /// Raw bytes of the value: a string's content between the quotes, or a
     /// number's token.
@@ -735,8 +746,42 @@ impl JsonPath {
         }
     }
 
-    /// `$.a.b[0]`: inline (no allocation) up to 24 bytes.
+    /// `$.a.b[0]`: inline (no allocation) up to 24 bytes. Paths of plain
+    /// keys and indices are put together on the stack.
     fn render(&self, doc: &[u8]) -> CompactString {
+        let mut buf = [0u8; 64];
+        buf[0] = b'$';
+        let mut len = 1;
+        let mut put = |piece: &[u8], len: &mut usize| {
+            let end = *len + piece.len();
+            let fits = end <= buf.len();
+            if fits {
+                buf[*len..end].copy_from_slice(piece);
+                *len = end;
+            }
+            fits
+        };
+        for step in &self.0 {
+            let done = match step {
+                Step::Key(k) => {
+                    let raw = &doc[k.clone()];
+                    is_plain_key(raw) && put(b".", &mut len) && put(raw, &mut len)
+                }
+                Step::Index(n) => {
+                    put(b"[", &mut len)
+                        && put(itoa::Buffer::new().format(*n).as_bytes(), &mut len)
+                        && put(b"]", &mut len)
+                }
+            };
+            if !done {
+                return self.render_any(doc);
+            }
+        }
+        CompactString::from_utf8(&buf[..len]).unwrap_or_else(|_| self.render_any(doc))
+    }
+
+    /// [`JsonPath::render`] for any keys (escaped, quoted, long).
+    fn render_any(&self, doc: &[u8]) -> CompactString {
         let mut path = CompactString::const_new("$");
         for step in &self.0 {
             match step {
@@ -954,13 +999,17 @@ fn quote_or_backslash(hay: &[u8], from: usize) -> Option<usize> {
     memchr::memchr2(b'"', b'\\', hay.get(from..)?).map(|k| from + k)
 }
 
-fn push_key(path: &mut CompactString, raw: &[u8]) {
-    let ident = !raw.is_empty()
+/// A key written `.key` in a path (others are written `["key"]`).
+fn is_plain_key(raw: &[u8]) -> bool {
+    !raw.is_empty()
         && raw
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
-        && !raw[0].is_ascii_digit();
-    if ident {
+        && !raw[0].is_ascii_digit()
+}
+
+fn push_key(path: &mut CompactString, raw: &[u8]) {
+    if is_plain_key(raw) {
         path.push('.');
         path.push_str(std::str::from_utf8(raw).unwrap_or_default());
     } else {

@@ -344,53 +344,100 @@ impl TrigramsAnyCase {
     }
 }
 
-/// The first ASCII digit at or after `from`, 32 bytes per step.
+/// Where the ASCII digits are, 64 bytes at a time: bit `k` of `mask` is
+/// set when `hay[base + k]` is a digit (bits past the end are clear). One
+/// SIMD pass per 64 bytes serves every digit run in them.
+struct Digits<'a> {
+    hay: &'a [u8],
+    base: usize,
+    mask: u64,
+}
+
+impl<'a> Digits<'a> {
+    fn new(hay: &'a [u8]) -> Self {
+        Digits {
+            hay,
+            base: 0,
+            mask: digit_mask(hay, 0),
+        }
+    }
+
+    /// The mask from `i` on (bit 0 is `hay[i]`), reloading the window when
+    /// `i` is outside it; `None` at the end of `hay`.
+    fn from(&mut self, i: usize) -> Option<u64> {
+        if i >= self.hay.len() {
+            return None;
+        }
+        if i < self.base || i >= self.base + 64 {
+            self.base = i;
+            self.mask = digit_mask(self.hay, i);
+        }
+        Some(self.mask >> (i - self.base))
+    }
+
+    /// The first digit at or after `i`.
+    fn next(&mut self, mut i: usize) -> Option<usize> {
+        loop {
+            let m = self.from(i)?;
+            if m != 0 {
+                return Some(i + m.trailing_zeros() as usize);
+            }
+            i = self.base + 64;
+        }
+    }
+
+    /// The end of the digit run at `i` (the first non-digit, or the end).
+    fn run_end(&mut self, mut i: usize) -> usize {
+        loop {
+            let Some(m) = self.from(i) else {
+                return self.hay.len();
+            };
+            let k = (!m).trailing_zeros() as usize;
+            if i + k < self.base + 64 {
+                return (i + k).min(self.hay.len());
+            }
+            i = self.base + 64;
+        }
+    }
+}
+
+/// Bit `k` set when `hay[at + k]` is an ASCII digit, for the 64 bytes
+/// from `at` (fewer at the end).
 #[cfg(target_arch = "x86_64")]
-fn next_digit(hay: &[u8], from: usize) -> Option<usize> {
+fn digit_mask(hay: &[u8], at: usize) -> u64 {
     use std::arch::x86_64::{
         __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_set1_epi8,
         _mm_sub_epi8,
     };
-    let mut i = from;
+    if at + 64 > hay.len() {
+        return digit_mask_scalar(hay, at);
+    }
     // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are
-    // always available; every load reads 16 bytes at `i` or `i + 16` with
-    // `i + 32 <= hay.len()` checked first (unaligned loads are allowed).
+    // always available; the four loads read 16 bytes each within
+    // `at..at + 64`, which `at + 64 <= hay.len()` keeps in bounds
+    // (unaligned loads are allowed).
     unsafe {
         let zero = _mm_set1_epi8(b'0' as i8);
         let nine = _mm_set1_epi8(9);
-        let digits = |at: usize| {
-            let v = _mm_loadu_si128(hay.as_ptr().add(at).cast::<__m128i>());
+        let digits = |k: usize| {
+            let v = _mm_loadu_si128(hay.as_ptr().add(at + 16 * k).cast::<__m128i>());
             let d = _mm_sub_epi8(v, zero);
-            _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, nine), d)) as u32
+            u64::from(_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, nine), d)) as u16)
         };
-        while i + 32 <= hay.len() {
-            let mask = digits(i) | (digits(i + 16) << 16);
-            if mask != 0 {
-                return Some(i + mask.trailing_zeros() as usize);
-            }
-            i += 32;
-        }
+        digits(0) | digits(1) << 16 | digits(2) << 32 | digits(3) << 48
     }
-    hay.get(i..)?
-        .iter()
-        .position(u8::is_ascii_digit)
-        .map(|k| i + k)
 }
 
-/// The first ASCII digit at or after `from`.
 #[cfg(not(target_arch = "x86_64"))]
-fn next_digit(hay: &[u8], from: usize) -> Option<usize> {
-    hay.get(from..)?
-        .iter()
-        .position(u8::is_ascii_digit)
-        .map(|k| from + k)
+fn digit_mask(hay: &[u8], at: usize) -> u64 {
+    digit_mask_scalar(hay, at)
 }
 
-fn digits_from(hay: &[u8], at: usize) -> usize {
-    hay[at..]
+fn digit_mask_scalar(hay: &[u8], at: usize) -> u64 {
+    hay[at..hay.len().min(at + 64)]
         .iter()
-        .position(|b| !b.is_ascii_digit())
-        .map_or(hay.len(), |k| at + k)
+        .enumerate()
+        .fold(0, |m, (k, b)| m | u64::from(b.is_ascii_digit()) << k)
 }
 
 fn is_join(b: u8) -> bool {
@@ -432,12 +479,13 @@ pub(crate) fn digit_clusters(
     runs: &mut Vec<(usize, usize)>,
     mut f: impl FnMut(Range<usize>),
 ) {
+    let mut digits = Digits::new(hay);
     let mut i = 0;
-    while let Some(p) = next_digit(hay, i) {
+    while let Some(p) = digits.next(i) {
         runs.clear();
         let mut s = p;
         loop {
-            let e = digits_from(hay, s);
+            let e = digits.run_end(s);
             runs.push((s, e));
             let mut j = e;
             while j < hay.len() && j - e < 2 && is_join(hay[j]) {
@@ -523,12 +571,50 @@ mod tests {
     }
 
     #[test]
-    fn next_digit_finds_every_position() {
-        let mut s = vec![b'a'; 70];
-        for p in 0..70 {
+    fn digit_windows_agree_with_a_byte_by_byte_scan() {
+        // Digits::next and run_end, in any order of calls (the window is
+        // reloaded when a call leaves it), against the obvious scan.
+        let next = |h: &[u8], i: usize| (i..h.len()).find(|&k| h[k].is_ascii_digit());
+        let end = |h: &[u8], i: usize| (i..h.len()).find(|&k| !h[k].is_ascii_digit());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        const ALPHABET: &[u8] = b"0123456789 -.()+aZ";
+        for len in (0..300).chain([1000, 4099]) {
+            let h: Vec<u8> = (0..len)
+                .map(|_| {
+                    // Long digit runs too: half the bytes are digits.
+                    let r = rnd();
+                    if r % 2 == 0 {
+                        b'0' + (r >> 8) as u8 % 10
+                    } else {
+                        ALPHABET[(r >> 8) as usize % ALPHABET.len()]
+                    }
+                })
+                .collect();
+            let mut d = Digits::new(&h);
+            let mut order: Vec<usize> = (0..=len).collect();
+            if len % 3 == 1 {
+                order.reverse();
+            }
+            for &i in &order {
+                assert_eq!(d.next(i), next(&h, i), "next({i}) in {len} bytes");
+                if h.get(i).is_some_and(u8::is_ascii_digit) {
+                    assert_eq!(d.run_end(i), end(&h, i).unwrap_or(len), "run_end({i})");
+                }
+            }
+        }
+        // Every position of a lone digit, across the 64-byte windows.
+        let mut s = vec![b'a'; 200];
+        for p in 0..200 {
             s[p] = b'7';
-            assert_eq!(next_digit(&s, 0), Some(p));
-            assert_eq!(next_digit(&s, p + 1), None);
+            assert_eq!(Digits::new(&s).next(0), Some(p));
+            assert_eq!(Digits::new(&s).next(p + 1), None);
+            assert_eq!(Digits::new(&s).run_end(p), p + 1);
             s[p] = b'a';
         }
     }

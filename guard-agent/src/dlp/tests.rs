@@ -226,6 +226,33 @@ fn every_builtin_has_a_table() {
 }
 
 #[test]
+fn json_paths_quote_odd_keys_and_grow_past_the_inline_size() {
+    let e = engine();
+    let long = "k".repeat(70);
+    let body = format!(
+        r#"{{"a b": ["x", "536-22-1234"], "{long}": {{"12": [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, "4111 1111 1111 1111"]]}}}}"#
+    );
+    let ins = e
+        .inspect_body(Some("application/json"), None, body.as_bytes())
+        .unwrap();
+    let paths: Vec<String> = ins
+        .findings
+        .iter()
+        .map(|f| match &f.location {
+            Location::Json(p) => p.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            r#"$["a b"][1]"#.to_string(),
+            format!(r#"$.{long}["12"][0][11]"#)
+        ]
+    );
+}
+
+#[test]
 fn json_paths_are_reported_and_masked_json_parses() {
     let e = engine();
     let body = br#"{"user": {"name": "Jane", "card": "4111 1111 1111 1111"}, "items": [{"note": "ok"}, {"ssn": "536-22-1234"}], "password": "Hunter2!xyz9", "n": 4111111111111111, "esc": "line\nkey AKIAQ3EGRUL7ZC2XBK4M\/x \"q\""}"#;
