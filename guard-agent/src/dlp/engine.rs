@@ -23,7 +23,7 @@ use regex_automata::{util::syntax, Anchored, Input, Match};
 
 use crate::dlp::detectors::{
     Detector, BUILTIN, SECRET_FIELD_NAME, SECRET_FIELD_NAME_MAX, SECRET_FIELD_NAME_TRIGRAMS,
-    SECRET_PLACEHOLDERS,
+    SECRET_PLACEHOLDERS, SECRET_PLACEHOLDER_LITERALS,
 };
 use crate::dlp::mask::{self, MaskKey};
 use crate::dlp::prefilter::{digit_clusters, Anchors, AnchorsBuilder, TrigramsAnyCase};
@@ -85,11 +85,37 @@ pub(crate) struct Compiled {
     pub mask: MaskStyle,
     allow_exact: HashSet<Vec<u8>>,
     allow_regex: Option<Regex>,
+    /// Secret detectors: documentation placeholders are known-good.
+    placeholders: Option<Arc<Placeholders>>,
     priority: u8,
     home: Option<GlobSet>,
     /// Custom detector with keywords: a match needs one of them (any
     /// case) at most [`KEYWORD_WINDOW`] bytes before it.
     keywords: Option<AhoCorasick>,
+}
+
+/// [`SECRET_PLACEHOLDERS`], behind an Aho-Corasick pass for its literals:
+/// most values hold none of them, and one pass over a short value costs
+/// less than starting a regex search.
+pub(crate) struct Placeholders {
+    literals: AhoCorasick,
+    regex: Regex,
+}
+
+impl Placeholders {
+    fn new() -> Result<Self, String> {
+        Ok(Placeholders {
+            literals: AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .build(SECRET_PLACEHOLDER_LITERALS)
+                .map_err(|e| e.to_string())?,
+            regex: build_regex(&[&format!("^(?:{SECRET_PLACEHOLDERS})$")])?,
+        })
+    }
+
+    pub(crate) fn matches(&self, value: &[u8]) -> bool {
+        self.literals.is_match(value) && self.regex.is_match(value)
+    }
 }
 
 /// A candidate that passed its validator and allowlist: which detector and
@@ -244,11 +270,18 @@ impl Engine {
                 && !settings.disabled.iter().any(|n| n == d.name)
         };
 
+        let placeholders = Arc::new(Placeholders::new().map_err(|e| DlpError::BadCustom {
+            name: "secret placeholders".into(),
+            what: e,
+        })?);
         let allow_for = |name: &str,
                          class: DetectorClass,
                          builtin: &[&str],
                          builtin_re: &[&str]|
-         -> Result<(HashSet<Vec<u8>>, Option<Regex>), DlpError> {
+         -> Result<
+            (HashSet<Vec<u8>>, Option<Regex>, Option<Arc<Placeholders>>),
+            DlpError,
+        > {
             let mut exact: HashSet<Vec<u8>> =
                 builtin.iter().map(|v| v.as_bytes().to_vec()).collect();
             for key in [name, "*"] {
@@ -257,9 +290,6 @@ impl Engine {
                 }
             }
             let mut res: Vec<String> = builtin_re.iter().map(|r| format!("^(?:{r})$")).collect();
-            if class == DetectorClass::Secret {
-                res.push(format!("^(?:{SECRET_PLACEHOLDERS})$"));
-            }
             for key in [name, "*"] {
                 for r in settings.allowlist_regex.get(key).into_iter().flatten() {
                     build_regex(&[r.as_str()]).map_err(|e| DlpError::BadAllowRegex {
@@ -280,7 +310,8 @@ impl Engine {
                     reason: e.to_string(),
                 })?)
             };
-            Ok((exact, re))
+            let placeholders = (class == DetectorClass::Secret).then(|| placeholders.clone());
+            Ok((exact, re, placeholders))
         };
 
         let mut detectors = Vec::new();
@@ -295,7 +326,7 @@ impl Engine {
                 name: d.name.to_string(),
                 what: format!("built-in regex does not compile: {e}"),
             })?;
-            let (allow_exact, allow_regex) =
+            let (allow_exact, allow_regex, placeholders) =
                 allow_for(d.name, d.class, d.allow_exact, d.allow_regex)?;
             let mut home: Vec<String> = d.home.iter().map(|s| s.to_string()).collect();
             home.extend(settings.home.get(d.name).into_iter().flatten().cloned());
@@ -310,6 +341,7 @@ impl Engine {
                 mask: settings.mask.get(d.name).copied().unwrap_or(d.mask),
                 allow_exact,
                 allow_regex,
+                placeholders,
                 priority: d.priority,
                 home: compile_home(d.name, &home)?,
                 keywords: None,
@@ -339,7 +371,7 @@ impl Engine {
                 name: c.name.clone(),
                 reason: e.to_string(),
             })?;
-            let (allow_exact, allow_regex) = allow_for(&c.name, c.class, &[], &[])?;
+            let (allow_exact, allow_regex, placeholders) = allow_for(&c.name, c.class, &[], &[])?;
             let mut home = c.home.clone();
             home.extend(settings.home.get(&c.name).into_iter().flatten().cloned());
             let idx = detectors.len();
@@ -353,6 +385,7 @@ impl Engine {
                 mask: settings.mask.get(&c.name).copied().unwrap_or(c.mask),
                 allow_exact,
                 allow_regex,
+                placeholders,
                 priority: if c.class == DetectorClass::Secret {
                     0
                 } else {
@@ -659,6 +692,7 @@ impl Engine {
 impl Compiled {
     fn allowed(&self, value: &[u8]) -> bool {
         self.allow_exact.contains(value)
+            || self.placeholders.as_ref().is_some_and(|p| p.matches(value))
             || self.allow_regex.as_ref().is_some_and(|r| r.is_match(value))
     }
 }
@@ -697,7 +731,84 @@ pub fn goes_home(detector: &str, host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::needs_captures;
+    use super::{build_regex, needs_captures, Placeholders};
+    use crate::dlp::detectors::SECRET_PLACEHOLDERS;
+
+    #[test]
+    fn placeholder_literals_gate_exactly_what_the_regex_matches() {
+        // Values built from pieces that match each alternative of the
+        // regex, pieces that nearly do, and filler, in every case: the
+        // gated check must agree with the bare regex on all of them.
+        let bare = build_regex(&[&format!("^(?:{SECRET_PLACEHOLDERS})$")]).unwrap();
+        let gated = Placeholders::new().unwrap();
+        let pieces = [
+            "xxxxx",
+            "XXXXXXXX",
+            "xxxx",
+            "your_api_key",
+            "YOUR-TOKEN",
+            "yoursecret",
+            "your_password",
+            "yourpass",
+            "you",
+            "<key>",
+            "<>",
+            "<",
+            ">",
+            "${",
+            "$",
+            "{{",
+            "{",
+            "EXAMPLE",
+            "exampl",
+            "Dummy",
+            "PlaceHolder",
+            "changeme",
+            "CHANGE_ME",
+            "change-me",
+            "redacted",
+            "****",
+            "***",
+            "000000000000",
+            "00000000000",
+            "AKIA",
+            "ghp_",
+            "Q7",
+            "z",
+            "\n",
+            "-",
+            "_",
+            "9",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut allowed, mut total) = (0, 0);
+        for _ in 0..20_000 {
+            let mut v = String::new();
+            for _ in 0..(1 + rnd() % 4) {
+                let p = pieces[(rnd() % pieces.len() as u64) as usize];
+                v.push_str(&if rnd() % 2 == 0 {
+                    p.to_ascii_uppercase()
+                } else {
+                    p.to_string()
+                });
+            }
+            let want = bare.is_match(v.as_bytes());
+            assert_eq!(gated.matches(v.as_bytes()), want, "{v:?}");
+            allowed += usize::from(want);
+            total += 1;
+        }
+        // Both answers occur, so the comparison means something.
+        assert!(
+            allowed > total / 10 && allowed < total * 9 / 10,
+            "{allowed}/{total}"
+        );
+    }
     use crate::dlp::detectors::{
         SECRET_FIELD_NAME, SECRET_FIELD_NAME_MAX, SECRET_FIELD_NAME_TRIGRAMS,
     };
