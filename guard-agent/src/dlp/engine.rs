@@ -118,6 +118,10 @@ impl Placeholders {
     }
 }
 
+/// A detector's known-good values: exact, by regex, and (secret
+/// detectors) documentation placeholders.
+type Allowlist = (HashSet<Vec<u8>>, Option<Regex>, Option<Arc<Placeholders>>);
+
 /// A candidate that passed its validator and allowlist: which detector and
 /// where the value is in the scanned bytes. Never holds the bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,10 +282,7 @@ impl Engine {
                          class: DetectorClass,
                          builtin: &[&str],
                          builtin_re: &[&str]|
-         -> Result<
-            (HashSet<Vec<u8>>, Option<Regex>, Option<Arc<Placeholders>>),
-            DlpError,
-        > {
+         -> Result<Allowlist, DlpError> {
             let mut exact: HashSet<Vec<u8>> =
                 builtin.iter().map(|v| v.as_bytes().to_vec()).collect();
             for key in [name, "*"] {
