@@ -777,7 +777,10 @@ impl JsonPath {
                 return self.render_any(doc);
             }
         }
-        CompactString::from_utf8(&buf[..len]).unwrap_or_else(|_| self.render_any(doc))
+        debug_assert!(buf[..len].is_ascii());
+        // SAFETY: `$`, `.`, plain keys (ASCII by `is_plain_key`), brackets
+        // and digits only: ASCII, which is UTF-8.
+        unsafe { CompactString::from_utf8_unchecked(&buf[..len]) }
     }
 
     /// [`JsonPath::render`] for any keys (escaped, quoted, long).

@@ -74,9 +74,13 @@ impl ValueHash {
     }
 }
 
-/// An inline string of ASCII bytes written here.
+/// An inline string of the ASCII bytes written here (prefixes, base32,
+/// hex, or an input checked with `is_ascii`).
 fn ascii(bytes: &[u8]) -> CompactString {
-    CompactString::from_utf8(bytes).expect("only ASCII is written")
+    debug_assert!(bytes.is_ascii());
+    // SAFETY: every caller writes only ASCII (see above), which is UTF-8;
+    // the debug assertion checks it in tests.
+    unsafe { CompactString::from_utf8_unchecked(bytes) }
 }
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
