@@ -500,7 +500,7 @@ impl Engine {
                 && self.field_name.is_match(field.as_bytes())
             {
                 let d = &self.detectors[g];
-                if !d.allowed(hay) && d.validator.check(hay, hay) {
+                if !d.allowed(hay) && d.validator.check(hay, hay, &[]) {
                     hits.push(Hit {
                         range: 0..hay.len(),
                         det: g,
@@ -616,7 +616,9 @@ impl Engine {
             m.range()
         };
         let value = &hay[range.clone()];
-        if value.is_empty() || d.allowed(value) || !d.validator.check(value, &hay[m.range()]) {
+        let after = &hay[m.end()..hay.len().min(m.end() + 2)];
+        if value.is_empty() || d.allowed(value) || !d.validator.check(value, &hay[m.range()], after)
+        {
             return false;
         }
         out.push(Hit { range, det });

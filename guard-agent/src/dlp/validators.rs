@@ -6,7 +6,8 @@
 use crate::dlp::settings::ValidatorSettings;
 
 /// A compiled validator. `value` is the reported value (capture group),
-/// `whole` the full regex match around it.
+/// `whole` the full regex match around it, `after` the (up to two) bytes
+/// that follow the match.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Validator {
     None,
@@ -24,6 +25,11 @@ pub(crate) enum Validator {
     /// authorization-header: Basic must decode to `user:pass`; other
     /// schemes need a token-looking value.
     AuthValue,
+    /// private-ip: the address ends the dotted number it is in: no digit
+    /// or dot follows, except one sentence-ending dot (`10.0.0.1.` yes,
+    /// `10.0.0.1.2`, a version, no). A regex would have to match the byte
+    /// after the address and capture the address, a second search per hit.
+    Ipv4End,
 }
 
 impl From<ValidatorSettings> for Validator {
@@ -37,7 +43,7 @@ impl From<ValidatorSettings> for Validator {
 }
 
 impl Validator {
-    pub(crate) fn check(self, value: &[u8], whole: &[u8]) -> bool {
+    pub(crate) fn check(self, value: &[u8], whole: &[u8], after: &[u8]) -> bool {
         match self {
             Validator::None => true,
             Validator::Luhn => luhn(value),
@@ -50,7 +56,19 @@ impl Validator {
             Validator::Jwt => jwt(value),
             Validator::GenericSecret => generic_secret(value),
             Validator::AuthValue => auth_value(value, whole),
+            Validator::Ipv4End => ipv4_end(after),
         }
+    }
+}
+
+/// Whether `after` (the bytes after an IPv4 address) ends the dotted
+/// number: nothing, or a byte that is neither digit nor dot, or one dot
+/// followed by nothing or such a byte.
+fn ipv4_end(after: &[u8]) -> bool {
+    let ends = |b: Option<&u8>| b.is_none_or(|b| !b.is_ascii_digit() && *b != b'.');
+    match after.first() {
+        Some(b'.') => ends(after.get(1)),
+        first => ends(first),
     }
 }
 
