@@ -65,7 +65,7 @@ impl Validator {
 /// number: nothing, or a byte that is neither digit nor dot, or one dot
 /// followed by nothing or such a byte.
 fn ipv4_end(after: &[u8]) -> bool {
-    let ends = |b: Option<&u8>| b.is_none_or(|b| !b.is_ascii_digit() && *b != b'.');
+    let ends = |b: Option<&u8>| !matches!(b, Some(b) if b.is_ascii_digit() || *b == b'.');
     match after.first() {
         Some(b'.') => ends(after.get(1)),
         first => ends(first),
