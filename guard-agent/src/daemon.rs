@@ -637,6 +637,9 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             }
         }
     });
+    // Start-up's freed buffers stay mapped under the body-buffer trim
+    // threshold (see `allocator`): give them back once, now.
+    crate::allocator::return_free_memory();
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "guard-agent is running");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("signal handler");
