@@ -152,10 +152,11 @@ impl<'a> Collector<'a> {
             let re = raw_start + to_raw(h.range.end);
             // The last hit takes the location; the others get copies.
             let loc = if n + 1 == hits.len() {
-                location.take().unwrap_or(Location::Text)
+                location.take()
             } else {
-                location.clone().unwrap_or(Location::Text)
-            };
+                location.clone()
+            }
+            .expect("the location is taken by the last hit only");
             let f = engine.finding(h.det, &decoded[h.range.clone()], loc, rs..re);
             if self.mask_only.is_some_and(|keep| !keep(&f.detector)) {
                 self.findings.push(f);
@@ -559,8 +560,8 @@ impl Engine {
     /// it matches the body.
     /// Numbers and plain strings are covered by the raw scan (the walk only
     /// attributes its hits to leaves, and drops hits across leaves).
-    fn json_walk_can_find_more(&self, body: &[u8]) -> bool {
-        memchr::memchr(b'\\', body).is_some() || self.names_a_secret_anywhere(body)
+    fn json_walk_can_find_more(&self, body: &[u8], has_escapes: bool) -> bool {
+        has_escapes || self.names_a_secret_anywhere(body)
     }
 
     /// Walks a JSON body: one scan of the whole body, hits attributed to
@@ -569,12 +570,13 @@ impl Engine {
     /// body is not JSON.
     fn collect_json(&self, body: &[u8], c: &mut Collector) -> bool {
         let hits = self.detect(body, None);
-        if hits.is_empty() && !self.json_walk_can_find_more(body) {
+        let has_escapes = memchr::memchr(b'\\', body).is_some();
+        if hits.is_empty() && !self.json_walk_can_find_more(body, has_escapes) {
             // Valid JSON or not (then the caller scans it as text, which is
             // the same detection over the same bytes): nothing to find.
             return true;
         }
-        self.walk_json(body, hits, c)
+        self.walk_json(body, hits, has_escapes, c)
     }
 
     /// [`Engine::inspect_body`] of a JSON body, always walking it (no
@@ -583,7 +585,8 @@ impl Engine {
     #[cfg(test)]
     pub(crate) fn inspect_json_walked(&self, body: &[u8]) -> Inspection {
         let mut c = Collector::new(None);
-        if !self.walk_json(body, self.detect(body, None), &mut c) {
+        let has_escapes = memchr::memchr(b'\\', body).is_some();
+        if !self.walk_json(body, self.detect(body, None), has_escapes, &mut c) {
             c = Collector::new(None);
             self.collect_text(body, 0, None, &Location::Text, &mut c);
         }
@@ -591,12 +594,18 @@ impl Engine {
         Inspection { findings, masked }
     }
 
-    /// The walk of [`Engine::collect_json`], given the whole-body `hits`.
-    fn walk_json(&self, body: &[u8], hits: Vec<Hit>, c: &mut Collector) -> bool {
+    /// The walk of [`Engine::collect_json`], given the whole-body `hits` and
+    /// whether the body holds a backslash anywhere.
+    fn walk_json(
+        &self,
+        body: &[u8],
+        hits: Vec<Hit>,
+        body_has_escapes: bool,
+        c: &mut Collector,
+    ) -> bool {
         // Nearly every whole-body hit becomes a finding: size for them once.
         c.findings.reserve(hits.len());
         c.edits.reserve(hits.len());
-        let body_has_escapes = memchr::memchr(b'\\', body).is_some();
         // Whether a key sounds secret, by key: a small direct-mapped cache
         // (keys repeat in arrays of objects; the regex costs more than a
         // hash of the key's bytes).
@@ -642,7 +651,7 @@ impl Engine {
                 body_has_escapes && leaf.is_string && memchr::memchr(b'\\', raw).is_some();
             let as_is = if !leaf.is_string {
                 Some(Escape::JsonNumber)
-            } else if !escaped && !leaf.key.clone().is_some_and(&mut secret_key) {
+            } else if !escaped && !path.key().is_some_and(&mut secret_key) {
                 Some(Escape::JsonString)
             } else {
                 None
@@ -667,10 +676,9 @@ impl Engine {
             } else {
                 (raw.to_vec(), (0..=raw.len()).collect())
             };
-            let key = leaf
-                .key
-                .as_ref()
-                .map(|k| String::from_utf8_lossy(&body[k.clone()]).into_owned());
+            let key = path
+                .key()
+                .map(|k| String::from_utf8_lossy(&body[k]).into_owned());
             let mut own = self.detect(&dec, key.as_deref());
             // Whole-body hits in an escaped string are in raw offsets: move
             // them to decoded offsets so both sets resolve together.
@@ -722,8 +730,6 @@ struct Leaf {
     /// number's token.
     range: Range<usize>,
     is_string: bool,
-    /// The object key this value sits under, raw, if any.
-    key: Option<Range<usize>>,
 }
 
 /// Where a JSON value is: the keys (raw ranges in the document) and array
@@ -852,8 +858,8 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
         }
     }
 
-    /// Consumes one value; a string or number goes to the visitor with the
-    /// key it sits under (the last step of `path`, if a key).
+    /// Consumes one value; a string or number goes to the visitor with its
+    /// path (whose last step is the key it sits under, if any).
     fn value(&mut self, path: &mut JsonPath) -> Option<()> {
         self.depth += 1;
         if self.depth > 256 {
@@ -863,12 +869,10 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
         match c {
             b'"' => {
                 let r = self.string()?;
-                let key = path.key();
                 (self.visit)(
                     &Leaf {
                         range: r,
                         is_string: true,
-                        key,
                     },
                     path,
                 );
@@ -949,12 +953,10 @@ impl<V: FnMut(&Leaf, &JsonPath)> JsonParser<'_, V> {
                 {
                     self.i += 1;
                 }
-                let key = path.key();
                 (self.visit)(
                     &Leaf {
                         range: s..self.i,
                         is_string: false,
-                        key,
                     },
                     path,
                 );
