@@ -11,6 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "store_scan.rs"]
+mod store_scan;
+
 use guard_harness::{
     agent_bin, external_v4, read_line_until, require_root,
     servers::HttpServer,
@@ -642,19 +645,6 @@ fn secrets_file(dir: &Path, mode: u32) -> PathBuf {
     p
 }
 
-fn all_bytes_under(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(all_bytes_under(&p));
-        } else if let Ok(b) = std::fs::read(&p) {
-            out.extend(b);
-        }
-    }
-    out
-}
-
 #[test]
 fn injected_credentials_reach_only_their_host_and_never_the_store() {
     require_root();
@@ -866,8 +856,11 @@ fn injected_credentials_reach_only_their_host_and_never_the_store() {
     assert!(agent.stop_with(libc::SIGTERM).success()); // flushes the store
     let state = agent.state_dir.clone();
     let log = std::fs::read(&agent.log).unwrap();
-    let store = all_bytes_under(&state.join("events.sled"));
-    assert!(!store.is_empty());
+    let store = store_scan::store_plaintext(&state);
+    assert!(
+        contains(&store, b"/api/orders"),
+        "the recorded path is not in the store's bytes"
+    );
     for secret in [API_KEY, TOKEN] {
         let s = secret.as_bytes();
         assert!(!contains(&store, s), "{secret} is in the store's bytes");
@@ -969,7 +962,8 @@ fn sighup_rotates_injected_secrets_and_a_loose_file_keeps_the_old_ones() {
 
     let status = agent.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
-    let bytes = all_bytes_under(&agent.state_dir);
+    let mut bytes = store_scan::all_bytes_under(&agent.state_dir);
+    bytes.extend(store_scan::store_plaintext(&agent.state_dir));
     for key in [API_KEY, ROTATED] {
         assert!(
             !contains(&bytes, key.as_bytes()),

@@ -206,7 +206,6 @@ async fn handle(
     let mut ev = ctx.template.clone();
     ev.kind = EventKind::Http;
     ev.ts = OffsetDateTime::now_utc();
-    ev.id = ctx.sink.reserve_id();
     let claimed_host = host_of(&req, &ctx);
     let (host, home_host) = decision_host(&ctx, &claimed_host);
     ev.host = Some(host.clone());
@@ -325,6 +324,7 @@ async fn handle(
 
     if let Some(reason) = block_reason {
         ev.verdict = Verdict::Block;
+        name_event(&ctx, &mut ev);
         let names: Vec<&str> = ev.findings.iter().map(|f| f.detector.as_str()).collect();
         let body = json!({
             "error": "blocked by Guard",
@@ -365,6 +365,7 @@ async fn handle(
     };
     if let Err(e) = ctx.secrets.inject(&target, &mut parts) {
         ev.verdict = Verdict::Block;
+        name_event(&ctx, &mut ev);
         ev.error = Some(e.to_string());
         rec.status = Some(403);
         let body = json!({
@@ -383,6 +384,7 @@ async fn handle(
             ev.verdict = Verdict::Error;
             ev.error = Some(fail.reason.clone());
             rec.status = Some(502);
+            name_event(&ctx, &mut ev);
             let body = json!({
                 "error": if fail.tls { "upstream TLS failed" } else { "upstream unreachable" },
                 "problem": fail.reason,
@@ -434,6 +436,7 @@ async fn handle(
             ev.verdict = Verdict::Error;
             ev.error = Some(fail.reason.clone());
             rec.status = Some(502);
+            name_event(&ctx, &mut ev);
             let body =
                 json!({"error": "upstream failed", "problem": fail.reason, "event_id": ev.id});
             finish(&ctx, ev, rec, started);
@@ -537,6 +540,15 @@ async fn verified_host(ctx: &ConnContext, host: &str) -> String {
 
 /// Holds a `RequireApproval` request until it is approved (or a grant
 /// covers it). Returns the 403 body when it was denied or timed out.
+/// Gives the event its id now, for a response that names it (a 403 or
+/// 502 body, a hold): such events are rare, and the others get their ids
+/// when the store writes them, in one contiguous run per write.
+fn name_event(ctx: &ConnContext, ev: &mut Event) {
+    if ev.id == 0 {
+        ev.id = ctx.sink.reserve_id();
+    }
+}
+
 async fn await_approval(
     ctx: &ConnContext,
     ev: &mut Event,
@@ -553,6 +565,8 @@ async fn await_approval(
         query: rec.query.clone(),
         body_preview: rec.request_excerpt.clone(),
     };
+    // The hold, its approval commands and the answer name the event.
+    name_event(ctx, ev);
     match ctx.approvals.admit(ev, what, rule, timeout, reason).await {
         Ok(()) => None,
         Err(Denial::Denied { by, note }) => Some(json!({

@@ -2,12 +2,16 @@
 //! batches by one writer task, read by `guard-agent events` (through the
 //! admin socket while the agent runs, directly when it does not).
 //!
-//! Invariants: events are keyed by a big-endian, increasing id, so key order
-//! is recording order; a clean stop drains the queue and flushes before it
-//! returns; retention removes the oldest events first, by age and by size.
+//! Invariants: event ids are increasing and never reused (sled's id
+//! generator); each write batch's events are stored as compressed chunks
+//! ([`chunk`]) keyed by their first id, and the ids of two chunks never
+//! interleave, so key order is id order and one range lookup finds an id;
+//! a clean stop drains the queue and flushes before it returns; retention
+//! removes the oldest chunks first, by age and by stored size.
 //! The store must never receive unmasked content: it stores [`Event`]s as
 //! they are given and derives nothing from payloads.
 
+pub mod chunk;
 pub mod event;
 pub mod filter;
 
@@ -15,7 +19,7 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -30,11 +34,17 @@ pub use event::{
 pub use filter::EventFilter;
 
 use crate::config::Retention;
+use chunk::Chunk;
 
 /// How many events one write batch holds at most.
 const BATCH_MAX: usize = 512;
 /// How long the writer lets events accumulate before a write.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// The tree of chunks.
+const CHUNKS_TREE: &str = "event_chunks";
+/// The tree of stores written before chunks: one JSON value per event,
+/// keyed by id. Moved into chunks at open.
+const PER_EVENT_TREE: &str = "events";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,19 +58,31 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("event store: a record could not be decoded: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("event store: a stored chunk is damaged: {0}")]
+    Corrupt(String),
 }
 
 /// The store. Cheap to clone.
 #[derive(Clone)]
 pub struct EventStore {
     db: sled::Db,
-    events: sled::Tree,
-    /// Logical size of the events tree (keys + values), for retention.
+    chunks: sled::Tree,
+    /// Stored size of the chunks (keys + values), for retention.
     bytes: Arc<AtomicU64>,
+    /// Number of stored events.
+    count: Arc<AtomicU64>,
+    /// Held while ids are handed out, so that a write batch's fresh ids are
+    /// one contiguous run that no reserved id falls into.
+    ids: Arc<Mutex<()>>,
+}
+
+fn key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
 }
 
 impl EventStore {
-    /// Opens (or creates) the store at `path`. Fails if another process
+    /// Opens (or creates) the store at `path`, moving events of the
+    /// one-value-per-event layout into chunks. Fails if another process
     /// holds it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
@@ -71,46 +93,77 @@ impl EventStore {
                 path: path.display().to_string(),
                 source,
             })?;
-        let events = db.open_tree("events")?;
-        let mut bytes = 0u64;
-        for kv in events.iter() {
+        let chunks = db.open_tree(CHUNKS_TREE)?;
+        let moved = move_per_event_records(&db, &chunks)?;
+        if moved > 0 {
+            tracing::info!("event store: moved {moved} events into compressed chunks");
+        }
+        let (mut bytes, mut count) = (0u64, 0u64);
+        for kv in chunks.iter() {
             let (k, v) = kv?;
             bytes += (k.len() + v.len()) as u64;
+            count += u64::from(chunk::header(&v)?.count);
         }
         Ok(Self {
             db,
-            events,
+            chunks,
             bytes: Arc::new(AtomicU64::new(bytes)),
+            count: Arc::new(AtomicU64::new(count)),
+            ids: Arc::new(Mutex::new(())),
         })
     }
 
-    /// Writes a batch of events, assigning their ids.
+    /// Writes a batch of events, assigning ids to those without one. The
+    /// fresh ones share chunks; an event whose id was reserved earlier
+    /// gets a chunk of its own (its id lies before the fresh run).
     pub fn write_batch(&self, events: &mut [Event]) -> Result<(), StoreError> {
+        // Reserved ids were handed out before this run: all lie below it.
+        let mut first_fresh = u64::MAX;
+        {
+            let _run = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+            for e in events.iter_mut().filter(|e| e.id == 0) {
+                e.id = self.db.generate_id()? + 1;
+                first_fresh = first_fresh.min(e.id);
+            }
+        }
+        let mut values = chunk::encode(events.iter().filter(|e| e.id >= first_fresh))?;
+        for e in events.iter().filter(|e| e.id < first_fresh) {
+            values.extend(chunk::encode(std::iter::once(e))?);
+        }
         let mut batch = sled::Batch::default();
         let mut added = 0u64;
-        for e in events.iter_mut() {
-            if e.id == 0 {
-                e.id = self.next_id()?;
-            }
-            let value = serde_json::to_vec(e)?;
+        for (first, value) in values {
             added += (8 + value.len()) as u64;
-            batch.insert(&e.id.to_be_bytes(), value);
+            batch.insert(&key(first), value);
         }
-        self.events.apply_batch(batch)?;
+        self.chunks.apply_batch(batch)?;
         self.bytes.fetch_add(added, Ordering::Relaxed);
+        self.count.fetch_add(events.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     /// A fresh event id (increasing, never reused, survives restarts), for
     /// a caller that must name an event before it is written (a 403 body).
     pub fn next_id(&self) -> Result<u64, StoreError> {
+        let _run = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         Ok(self.db.generate_id()? + 1)
+    }
+
+    /// The chunk that holds `id` if any does, decompressed.
+    fn chunk_for(&self, id: u64) -> Result<Option<(u64, Chunk)>, StoreError> {
+        match self.chunks.range(..=key(id)).next_back() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                Ok(Some((first_id(&k)?, Chunk::open(&v)?)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// One event by id.
     pub fn get(&self, id: u64) -> Result<Option<Event>, StoreError> {
-        match self.events.get(id.to_be_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+        match self.chunk_for(id)? {
+            Some((_, c)) => c.find(id),
             None => Ok(None),
         }
     }
@@ -127,21 +180,25 @@ impl EventStore {
         }
         let mut out = Vec::new();
         let limit = filter.limit.unwrap_or(usize::MAX);
-        for kv in self.events.iter().rev() {
+        // Ids follow recording order and events are recorded at most a
+        // connection's lifetime after they start; keep scanning a little
+        // past `since` rather than stopping at the first older chunk.
+        let horizon = filter
+            .since
+            .map(|since| (since - time::Duration::days(1)).unix_timestamp_nanos());
+        'chunks: for kv in self.chunks.iter().rev() {
             let (_, v) = kv?;
-            let e: Event = serde_json::from_slice(&v)?;
-            if let Some(since) = filter.since {
-                // Ids follow recording order and events are recorded at most
-                // a connection's lifetime after they start; keep scanning
-                // a little past `since` rather than stopping at the first.
-                if e.ts < since - time::Duration::days(1) {
+            if let Some(h) = horizon {
+                if i128::from(chunk::header(&v)?.newest_ts_nanos) < h {
                     break;
                 }
             }
-            if filter.matches(&e) {
-                out.push(e);
-                if out.len() >= limit {
-                    break;
+            for e in Chunk::open(&v)?.events()?.into_iter().rev() {
+                if filter.matches(&e) {
+                    out.push(e);
+                    if out.len() >= limit {
+                        break 'chunks;
+                    }
                 }
             }
         }
@@ -149,25 +206,40 @@ impl EventStore {
         Ok(out)
     }
 
-    /// Events recorded after `id`, oldest first.
+    /// Events recorded after `id` (greater ids), oldest first.
     pub fn after(&self, id: u64) -> Result<Vec<Event>, StoreError> {
-        let start = (id + 1).to_be_bytes();
-        self.events
-            .range(start..)
-            .map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+        let from = match self.chunk_for(id)? {
+            Some((first, _)) => first,
+            None => 0,
+        };
+        let mut out = Vec::new();
+        for kv in self.chunks.range(key(from)..) {
+            let (_, v) = kv?;
+            out.extend(Chunk::open(&v)?.events()?.into_iter().filter(|e| e.id > id));
+        }
+        Ok(out)
+    }
+
+    /// Every chunk decompressed (records and index), oldest first: what a
+    /// search of the store for secrets must read, since a scan of the
+    /// files sees only compressed bytes.
+    pub fn decompressed_chunks(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.chunks
+            .iter()
+            .map(|kv| Ok(Chunk::open(&kv?.1)?.into_raw()))
             .collect()
     }
 
     /// Number of stored events.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.count.load(Ordering::Relaxed) as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.len() == 0
     }
 
-    /// Logical size of the stored events in bytes.
+    /// Stored size of the events in bytes (compressed chunks and keys).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
@@ -177,23 +249,25 @@ impl EventStore {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    /// Removes events older than `max_age`, then the oldest until the store
-    /// is under `max_bytes`. Returns how many were removed.
+    /// Removes the oldest chunks while their newest event is older than
+    /// `max_age`, then while the store is over `max_bytes`. Returns how
+    /// many events were removed.
     pub fn apply_retention(&self, r: &Retention, now: OffsetDateTime) -> Result<usize, StoreError> {
-        let cutoff = now - r.max_age;
+        let cutoff = (now - r.max_age).unix_timestamp_nanos();
         let mut removed = 0;
-        for kv in self.events.iter() {
+        for kv in self.chunks.iter() {
             let (k, v) = kv?;
-            let e: Event = serde_json::from_slice(&v)?;
-            let too_old = e.ts < cutoff;
+            let h = chunk::header(&v)?;
+            let too_old = i128::from(h.newest_ts_nanos) < cutoff;
             let too_big = self.bytes() > r.max_bytes;
             if !too_old && !too_big {
                 break;
             }
-            self.events.remove(&k)?;
+            self.chunks.remove(&k)?;
             self.bytes
                 .fetch_sub((k.len() + v.len()) as u64, Ordering::Relaxed);
-            removed += 1;
+            self.count.fetch_sub(u64::from(h.count), Ordering::Relaxed);
+            removed += h.count as usize;
         }
         Ok(removed)
     }
@@ -203,6 +277,53 @@ impl EventStore {
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn first_id(k: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = k
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("a chunk key of {} bytes", k.len())))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Moves the events of a store written one value per event (before
+/// chunks) into chunks, then drops the old tree. Chunks are cut from runs
+/// of consecutive keys, so their ids never interleave; a move cut short by
+/// a crash is redone whole at the next open (same keys, same values).
+fn move_per_event_records(db: &sled::Db, chunks: &sled::Tree) -> Result<usize, StoreError> {
+    if !db
+        .tree_names()
+        .iter()
+        .any(|n| n.as_ref() == PER_EVENT_TREE.as_bytes())
+    {
+        return Ok(0);
+    }
+    let old = db.open_tree(PER_EVENT_TREE)?;
+    let mut moved = 0;
+    let mut run = Vec::with_capacity(BATCH_MAX);
+    let mut write = |run: &mut Vec<Event>| -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (first, value) in chunk::encode(run.iter())? {
+            batch.insert(&key(first), value);
+        }
+        chunks.apply_batch(batch)?;
+        moved += run.len();
+        run.clear();
+        Ok(())
+    };
+    for kv in old.iter() {
+        let (k, v) = kv?;
+        let mut e: Event = serde_json::from_slice(&v)?;
+        e.id = first_id(&k)?;
+        run.push(e);
+        if run.len() == BATCH_MAX {
+            write(&mut run)?;
+        }
+    }
+    write(&mut run)?;
+    db.flush()?;
+    db.drop_tree(PER_EVENT_TREE)?;
+    Ok(moved)
 }
 
 /// Where the data path sends events: a bounded queue to the writer task.
@@ -377,20 +498,127 @@ mod tests {
     fn retention_drops_old_then_oversize() {
         let dir = tempfile::tempdir().unwrap();
         let s = EventStore::open(dir.path()).unwrap();
-        let mut b = vec![at(7200), at(10), at(5), at(1)];
-        s.write_batch(&mut b).unwrap();
+        // Three batches, three chunks: retention removes whole chunks.
+        for mut b in [vec![at(7200)], vec![at(10)], vec![at(5), at(1)]] {
+            s.write_batch(&mut b).unwrap();
+        }
         let r = Retention {
             max_age: Duration::from_secs(3600),
             max_bytes: u64::MAX,
         };
         assert_eq!(s.apply_retention(&r, OffsetDateTime::now_utc()).unwrap(), 1);
-        // One byte over the limit: exactly the oldest event has to go.
+        // One byte over the limit: exactly the oldest chunk has to go.
         let r = Retention {
             max_age: Duration::from_secs(3600),
             max_bytes: s.bytes() - 1,
         };
         assert_eq!(s.apply_retention(&r, OffsetDateTime::now_utc()).unwrap(), 1);
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn reserved_ids_and_long_batches_are_all_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EventStore::open(dir.path()).unwrap();
+        // A request names its event (a 403 body) before it is written; in
+        // between, other batches are written.
+        let reserved = s.next_id().unwrap();
+        let mut first: Vec<Event> = (0..100).map(|_| at(1)).collect();
+        s.write_batch(&mut first).unwrap();
+        let mut late = at(2);
+        late.id = reserved;
+        let mut second = vec![at(0), late, at(0)];
+        s.write_batch(&mut second).unwrap();
+        assert_eq!(s.len(), 103);
+        let mut ids: Vec<u64> = first.iter().chain(&second).map(|e| e.id).collect();
+        for &id in &ids {
+            assert_eq!(s.get(id).unwrap().map(|e| e.id), Some(id), "id {id}");
+        }
+        ids.sort();
+        let all: Vec<u64> = s
+            .query(&EventFilter::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(all, ids, "every event once, in id order");
+        let after: Vec<u64> = s.after(ids[50]).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(after, ids[51..]);
+        assert_eq!(s.after(0).unwrap().len(), 103);
+        assert!(s.after(ids[102]).unwrap().is_empty());
+        let last = s
+            .query(&EventFilter {
+                limit: Some(40),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(last.first().map(|e| e.id), Some(ids[63]));
+        assert!(s.get(0).unwrap().is_none());
+        assert!(s.get(ids[102] + 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn since_skips_old_chunks_and_keeps_what_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EventStore::open(dir.path()).unwrap();
+        let day = 86_400;
+        for mut b in [vec![at(10 * day)], vec![at(3 * day)], vec![at(60), at(5)]] {
+            s.write_batch(&mut b).unwrap();
+        }
+        let since = |secs_ago: i64| EventFilter {
+            since: Some(OffsetDateTime::now_utc() - time::Duration::seconds(secs_ago)),
+            ..Default::default()
+        };
+        assert_eq!(s.query(&since(30)).unwrap().len(), 1);
+        assert_eq!(s.query(&since(4 * day)).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn counts_and_sizes_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (len, bytes) = {
+            let s = EventStore::open(dir.path()).unwrap();
+            let mut b: Vec<Event> = (0..70).map(|_| at(1)).collect();
+            s.write_batch(&mut b).unwrap();
+            s.flush().unwrap();
+            (s.len(), s.bytes())
+        };
+        assert_eq!(len, 70);
+        let s = reopen(dir.path());
+        assert_eq!((s.len(), s.bytes()), (len, bytes));
+    }
+
+    #[test]
+    fn a_store_of_one_value_per_event_is_moved_into_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old: Vec<Event> = (0..600).map(|i| at(600 - i)).collect();
+        {
+            // The layout before chunks: JSON per event, keyed by id.
+            let db = sled::open(dir.path()).unwrap();
+            let t = db.open_tree(PER_EVENT_TREE).unwrap();
+            for e in &mut old {
+                e.id = db.generate_id().unwrap() + 1;
+                t.insert(key(e.id), serde_json::to_vec(e).unwrap()).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert_eq!(s.len(), 600);
+        let all = s.query(&EventFilter::default()).unwrap();
+        let ids = |v: &[Event]| v.iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids(&all), ids(&old));
+        assert_eq!(s.get(old[321].id).unwrap().unwrap().ts, old[321].ts);
+        assert!(!s
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == PER_EVENT_TREE.as_bytes()));
+        // New ids continue after the old ones.
+        let mut b = vec![at(0)];
+        s.write_batch(&mut b).unwrap();
+        assert!(b[0].id > old[599].id);
+        drop(s);
+        assert_eq!(reopen(dir.path()).len(), 601);
     }
 
     #[tokio::test]
