@@ -82,6 +82,11 @@ pub struct BenchArgs {
     /// Run only this part (default: both).
     #[arg(long, value_enum)]
     only: Option<Part>,
+    /// Timed HTTPS keep-alive requests per connection (default: 5000, 500
+    /// with --quick). More gives steadier agent CPU figures, and shows the
+    /// cost of writing into a store that keeps growing.
+    #[arg(long)]
+    keepalive_requests: Option<u64>,
 }
 
 /// The parts of the bench.
@@ -649,7 +654,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         )?;
     }
     if wants(Part::Https) {
-        let https = crate::bench_https::run(&mut b, &ca, guard_ca, a.quick)?;
+        let https = crate::bench_https::run(&mut b, &ca, guard_ca, a.quick, a.keepalive_requests)?;
         let md = https.markdown();
         print!("{md}");
         write(&out_dir.join("https.md"), md.as_bytes())?;

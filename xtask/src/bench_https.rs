@@ -412,6 +412,7 @@ pub fn run(
     ca: &TestCa,
     guard_ca: PathBuf,
     quick: bool,
+    keepalive_requests: Option<u64>,
 ) -> anyhow::Result<HttpsResults> {
     let tmp = std::env::temp_dir().join(format!("guard-bench-mitm-{}", std::process::id()));
     let (mitm_confdir, mitm_version) = if Mitmdump::installed() {
@@ -433,6 +434,7 @@ pub fn run(
     } else {
         (5000, 200, 1000, 20)
     };
+    let ka_n = keepalive_requests.unwrap_or(ka_n);
     let a = |n: u64, warm: u64, threads: u64| -> Vec<String> {
         vec![
             "--n".into(),
