@@ -423,7 +423,7 @@ impl Sizes {
 }
 
 /// A field of `/proc/<pid>/status` in KiB (VmRSS, VmHWM, ...).
-fn proc_kib(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     st.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
@@ -496,7 +496,7 @@ fn counters(agent: &Agent) -> (u64, u64) {
 pub(crate) struct Bench {
     client_exe: PathBuf,
     cgroup: PathBuf,
-    agent: Agent,
+    pub(crate) agent: Agent,
     /// Connections the agent reported as ending in an error, per phase.
     agent_errors: Vec<(String, u64)>,
 }

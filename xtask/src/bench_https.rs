@@ -54,7 +54,7 @@ use rustls::{
 };
 use serde_json::{json, Value};
 
-use crate::bench::{percentile, Bench, ClientArgs, Via};
+use crate::bench::{percentile, proc_kib, Bench, ClientArgs, Via};
 
 /// The name the client asks for (covered by the test server's certificate).
 const SNI: &str = "api.test";
@@ -367,6 +367,9 @@ pub struct HttpsResults {
     pub keepalive_4: Triple,
     pub handshake_1: Triple,
     pub handshake_4: Triple,
+    /// The agent's RSS and VmHWM (KiB) at the end: after every request of
+    /// the run was recorded in its store.
+    pub agent_rss_kib: Option<(u64, u64)>,
 }
 
 struct Setup<'a> {
@@ -453,6 +456,7 @@ pub fn run(
             keepalive_4: triple(b, &s, "https-keepalive", &a(ka_n, ka_warm, 4))?,
             handshake_1: triple(b, &s, "https-handshake", &a(hs_n, hs_warm, 1))?,
             handshake_4: triple(b, &s, "https-handshake", &a(hs_n, hs_warm, 4))?,
+            agent_rss_kib: proc_kib(b.agent.pid(), "VmRSS").zip(proc_kib(b.agent.pid(), "VmHWM")),
         })
     })();
     let _ = std::fs::remove_dir_all(&tmp);
@@ -596,6 +600,13 @@ impl HttpsResults {
             "| agent CPU per new connection + 1 request, 4 threads (µs) | | {:.1} | | | | |\n\n",
             f(&self.handshake_4.guard, "agent_cpu_us_per_op")
         );
+        if let Some((rss, hwm)) = self.agent_rss_kib {
+            m += &format!(
+                "Agent RSS at the end of the run: {:.1} MiB (VmHWM {:.1} MiB).\n\n",
+                rss as f64 / 1024.0,
+                hwm as f64 / 1024.0
+            );
+        }
         m += "| target | measured | result |\n|---|---:|:---:|\n";
         for (name, got, ok) in self.targets() {
             m += &format!(
@@ -622,6 +633,7 @@ impl HttpsResults {
             "keepalive_4": t(&self.keepalive_4),
             "handshake_1": t(&self.handshake_1),
             "handshake_4": t(&self.handshake_4),
+            "agent_rss_kib": self.agent_rss_kib.map(|(rss, hwm)| json!({"rss": rss, "hwm": hwm})),
             "targets": self.targets().iter().map(|(name, got, ok)| json!({
                 "target": name, "measured": got, "pass": ok,
             })).collect::<Vec<_>>(),
