@@ -538,8 +538,6 @@ async fn verified_host(ctx: &ConnContext, host: &str) -> String {
     }
 }
 
-/// Holds a `RequireApproval` request until it is approved (or a grant
-/// covers it). Returns the 403 body when it was denied or timed out.
 /// Gives the event its id now, for a response that names it (a 403 or
 /// 502 body, a hold): such events are rare, and the others get their ids
 /// when the store writes them, in one contiguous run per write.
@@ -549,6 +547,8 @@ fn name_event(ctx: &ConnContext, ev: &mut Event) {
     }
 }
 
+/// Holds a `RequireApproval` request until it is approved (or a grant
+/// covers it). Returns the 403 body when it was denied or timed out.
 async fn await_approval(
     ctx: &ConnContext,
     ev: &mut Event,

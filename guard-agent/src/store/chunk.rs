@@ -189,34 +189,33 @@ impl Chunk {
         self.raw
     }
 
-    /// Event ids, in order.
-    pub fn ids(&self) -> impl DoubleEndedIterator<Item = u64> + '_ {
-        (0..self.count).map(|i| self.entry(i).0)
+    /// Each event's id and record, in order.
+    fn records(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        let mut start = 0;
+        (0..self.count).map(move |i| {
+            let (id, len) = self.entry(i);
+            let record = &self.raw[start..start + len as usize];
+            start += len as usize;
+            (id, record)
+        })
     }
 
-    /// The `i`th event.
-    pub fn event(&self, i: usize) -> Result<Event, StoreError> {
-        let start: usize = (0..i).map(|j| self.entry(j).1 as usize).sum();
-        let len = self.entry(i).1 as usize;
-        Ok(serde_json::from_slice(&self.raw[start..start + len])?)
+    /// Event ids, in order.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.count).map(|i| self.entry(i).0)
     }
 
     /// Every event, oldest first.
     pub fn events(&self) -> Result<Vec<Event>, StoreError> {
-        let mut out = Vec::with_capacity(self.count);
-        let mut start = 0;
-        for i in 0..self.count {
-            let len = self.entry(i).1 as usize;
-            out.push(serde_json::from_slice(&self.raw[start..start + len])?);
-            start += len;
-        }
-        Ok(out)
+        self.records()
+            .map(|(_, record)| Ok(serde_json::from_slice(record)?))
+            .collect()
     }
 
     /// The event with this id, if the chunk holds it.
     pub fn find(&self, id: u64) -> Result<Option<Event>, StoreError> {
-        match self.ids().position(|x| x == id) {
-            Some(i) => self.event(i).map(Some),
+        match self.records().find(|&(x, _)| x == id) {
+            Some((_, record)) => Ok(Some(serde_json::from_slice(record)?)),
             None => Ok(None),
         }
     }
@@ -257,7 +256,7 @@ mod tests {
             );
         }
         assert_eq!(c.find(103).unwrap().unwrap().id, 103);
-        assert_eq!(c.event(4).unwrap().id, 104);
+        assert_eq!(c.find(104).unwrap().unwrap().id, 104);
         assert!(c.find(105).unwrap().is_none());
     }
 

@@ -135,13 +135,7 @@ impl EventStore {
         for e in events.iter().filter(|e| e.id < first_fresh) {
             values.extend(chunk::encode(std::iter::once(e))?);
         }
-        let mut batch = sled::Batch::default();
-        let mut added = 0u64;
-        for (first, value) in values {
-            added += (8 + value.len()) as u64;
-            batch.insert(&key(first), value);
-        }
-        self.chunks.apply_batch(batch)?;
+        let added = insert_chunks(&self.chunks, values)?;
         self.bytes.fetch_add(added, Ordering::Relaxed);
         self.count.fetch_add(events.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -154,21 +148,15 @@ impl EventStore {
         Ok(self.db.generate_id()? + 1)
     }
 
-    /// The chunk that holds `id` if any does, decompressed.
-    fn chunk_for(&self, id: u64) -> Result<Option<(u64, Chunk)>, StoreError> {
-        match self.chunks.range(..=key(id)).next_back() {
-            Some(kv) => {
-                let (k, v) = kv?;
-                Ok(Some((first_id(&k)?, Chunk::open(&v)?)))
-            }
-            None => Ok(None),
-        }
+    /// The key and value of the chunk that holds `id` if any does.
+    fn chunk_for(&self, id: u64) -> Result<Option<(sled::IVec, sled::IVec)>, StoreError> {
+        Ok(self.chunks.range(..=key(id)).next_back().transpose()?)
     }
 
     /// One event by id.
     pub fn get(&self, id: u64) -> Result<Option<Event>, StoreError> {
         match self.chunk_for(id)? {
-            Some((_, c)) => c.find(id),
+            Some((_, v)) => Chunk::open(&v)?.find(id),
             None => Ok(None),
         }
     }
@@ -214,7 +202,7 @@ impl EventStore {
     /// Events recorded after `id` (greater ids), oldest first.
     pub fn after(&self, id: u64) -> Result<Vec<Event>, StoreError> {
         let from = match self.chunk_for(id)? {
-            Some((first, _)) => first,
+            Some((k, _)) => first_id(&k)?,
             None => 0,
         };
         let mut out = Vec::new();
@@ -284,6 +272,18 @@ impl EventStore {
     }
 }
 
+/// Inserts encoded chunks in one sled batch; returns their stored size.
+fn insert_chunks(tree: &sled::Tree, chunks: Vec<(u64, Vec<u8>)>) -> Result<u64, StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut bytes = 0u64;
+    for (first, value) in chunks {
+        bytes += (8 + value.len()) as u64;
+        batch.insert(&key(first), value);
+    }
+    tree.apply_batch(batch)?;
+    Ok(bytes)
+}
+
 fn first_id(k: &[u8]) -> Result<u64, StoreError> {
     let b: [u8; 8] = k
         .try_into()
@@ -307,11 +307,7 @@ fn move_per_event_records(db: &sled::Db, chunks: &sled::Tree) -> Result<usize, S
     let mut moved = 0;
     let mut run = Vec::with_capacity(BATCH_MAX);
     let mut write = |run: &mut Vec<Event>| -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (first, value) in chunk::encode(run.iter())? {
-            batch.insert(&key(first), value);
-        }
-        chunks.apply_batch(batch)?;
+        insert_chunks(chunks, chunk::encode(run.iter())?)?;
         moved += run.len();
         run.clear();
         Ok(())
