@@ -22,7 +22,7 @@ use std::{
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::Path};
 
 use globset::{Glob, GlobSetBuilder};
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{signal::unix::SignalKind, sync::watch};
 
 use crate::{
     admin::{self, AdminState},
@@ -32,7 +32,10 @@ use crate::{
     config::AgentConfig,
     dlp::{DlpSettings, Engine, MaskKey},
     http::inspect::Inspector,
-    intercept::listener::{self, Counters, InspectSettings, Intercept},
+    intercept::{
+        listener::{Counters, InspectSettings, Intercept},
+        workers::{self, Workers},
+    },
     policy::{load_dir, load_sources, PolicyError, PolicyStore},
     proc::ProcCache,
     secrets::{Secrets, SecretsError},
@@ -65,6 +68,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the intercept threads: {0}")]
+    Threads(#[source] std::io::Error),
     #[error("state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -244,8 +249,8 @@ fn inspection(
     ))
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| {
+fn bind_group(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    workers::bind_group(addr, n).map_err(|source| {
         if source.kind() == std::io::ErrorKind::AddrInUse {
             StartError::PortTaken { addr }
         } else {
@@ -434,14 +439,15 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     // Group members may reach the admin socket; nobody else may look inside.
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o750)).map_err(sd_err)?;
 
-    let v4 = match cfg.listen_v4 {
-        Some(a) => Some(bind(a).await?),
-        None => None,
-    };
-    let v6 = match cfg.listen_v6 {
-        Some(a) => Some(bind(a).await?),
-        None => None,
-    };
+    // One socket per intercept thread and listen address (see
+    // `intercept::workers`).
+    let intercept_threads = cfg
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut groups = Vec::new();
+    for addr in [cfg.listen_v4, cfg.listen_v6].into_iter().flatten() {
+        groups.push(bind_group(addr, intercept_threads)?);
+    }
     let metrics_listener = match cfg.metrics {
         Some(a) => Some(crate::metrics::bind(a).await?),
         None => None,
@@ -566,15 +572,29 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         approvals: Arc::clone(&approvals),
         secrets: Arc::clone(&secrets),
     });
-    let mut tasks = Vec::new();
-    for l in [v4, v6].into_iter().flatten() {
-        tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for redirected connections");
-        tasks.push(tokio::spawn(listener::serve(
-            l,
-            Arc::clone(&intercept),
-            stop_rx.clone(),
-        )));
+    for g in &groups {
+        tracing::info!(
+            addr = %g[0].local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            threads = intercept_threads,
+            "listening for redirected connections"
+        );
     }
+    // Thread i gets socket i of every address.
+    let mut per_thread: Vec<Vec<std::net::TcpListener>> =
+        (0..intercept_threads).map(|_| Vec::new()).collect();
+    for g in groups {
+        for (i, l) in g.into_iter().enumerate() {
+            per_thread[i].push(l);
+        }
+    }
+    let workers = match Workers::start(per_thread, Arc::clone(&intercept), stop_rx.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            programs.release();
+            return Err(StartError::Threads(e));
+        }
+    };
+    let mut tasks = Vec::new();
 
     if let Some(r) = &resolver {
         for s in dns_socks {
@@ -677,6 +697,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
 
     let grace = if handover {
         // 1. Stop accepting; the pinned programs stay for the next agent.
+        workers.close_listeners();
         for t in &tasks {
             t.abort();
         }
@@ -698,6 +719,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     }
     // 3. Stop everything, then drain the store.
     let _ = stop_tx.send(true);
+    workers.join().await;
     for t in tasks {
         let _ = t.await;
     }

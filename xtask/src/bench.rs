@@ -373,6 +373,9 @@ pub(crate) enum Via {
     Guard,
     /// The client outside Guard's cgroup, talking to a mitmdump.
     Mitmproxy,
+    /// The client outside Guard's cgroup, talking to the reference relay
+    /// ([`crate::bench_relay`]).
+    Relay,
 }
 
 impl Via {
@@ -381,6 +384,7 @@ impl Via {
             Via::Direct => "direct",
             Via::Guard => "guard",
             Via::Mitmproxy => "mitmproxy",
+            Via::Relay => "relay",
         }
     }
 }
@@ -513,7 +517,7 @@ impl Bench {
     ) -> anyhow::Result<Value> {
         let exe = self.client_exe.to_str().context("client path")?;
         let mut cmd = match via {
-            Via::Direct | Via::Mitmproxy => Command::new(exe),
+            Via::Direct | Via::Mitmproxy | Via::Relay => Command::new(exe),
             Via::Guard => command_in(&self.cgroup, exe),
         };
         cmd.arg("bench-client")
@@ -547,7 +551,7 @@ impl Bench {
         let (red1, err1) = counters(&self.agent);
         let redirected = red1 - red0;
         match via {
-            Via::Direct | Via::Mitmproxy => ensure!(
+            Via::Direct | Via::Mitmproxy | Via::Relay => ensure!(
                 redirected == 0,
                 "the {} {mode} run went through Guard ({redirected} connections redirected)",
                 via.name()
@@ -562,16 +566,23 @@ impl Bench {
         Ok(v)
     }
 
-    /// The same workload direct then through Guard, each with a fresh server.
-    fn pair(
+    /// The same workload direct, through Guard, then through the reference
+    /// relay, each with a fresh server.
+    fn triple(
         &mut self,
         mode: &str,
         server: fn() -> anyhow::Result<SocketAddr>,
         args: &[String],
-    ) -> anyhow::Result<(Value, Value)> {
+    ) -> anyhow::Result<Phase> {
         let direct = self.client(Via::Direct, mode, server()?, args)?;
         let guard = self.client(Via::Guard, mode, server()?, args)?;
-        Ok((direct, guard))
+        let relay = crate::bench_relay::Relay::start(&self.client_exe, server()?)?;
+        let relay = self.client(Via::Relay, mode, relay.addr, args)?;
+        Ok(Phase {
+            direct,
+            guard,
+            relay,
+        })
     }
 }
 
@@ -719,7 +730,7 @@ fn run_l4(
             .flat_map(|(k, v)| [format!("--{k}"), v.clone()])
             .collect()
     };
-    let lat = b.pair(
+    let lat = b.triple(
         "latency",
         first_byte_server,
         &s(&[
@@ -727,7 +738,7 @@ fn run_l4(
             ("warmup", sizes.latency_warmup.to_string()),
         ]),
     )?;
-    let rps = b.pair(
+    let rps = b.triple(
         "rps",
         request_server,
         &s(&[
@@ -736,7 +747,7 @@ fn run_l4(
             ("threads", sizes.rps_threads.to_string()),
         ]),
     )?;
-    let stream = b.pair(
+    let stream = b.triple(
         "stream",
         sink_server,
         &s(&[
@@ -786,11 +797,37 @@ fn write(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- report
 
+/// One L4 workload's figures: direct, through Guard, through the reference
+/// relay.
+struct Phase {
+    direct: Value,
+    guard: Value,
+    relay: Value,
+}
+
+impl Phase {
+    fn ratio(&self, via: Via, k: &str) -> f64 {
+        let v = match via {
+            Via::Relay => &self.relay,
+            _ => &self.guard,
+        };
+        f(v, k) / f(&self.direct, k)
+    }
+
+    fn added(&self, via: Via, k: &str) -> f64 {
+        let v = match via {
+            Via::Relay => &self.relay,
+            _ => &self.guard,
+        };
+        f(v, k) - f(&self.direct, k)
+    }
+}
+
 struct Results {
     quick: bool,
-    lat: (Value, Value),
-    rps: (Value, Value),
-    stream: (Value, Value),
+    lat: Phase,
+    rps: Phase,
+    stream: Phase,
     idle_kib: u64,
     startup_hwm_kib: u64,
     peak_kib: u64,
@@ -824,11 +861,11 @@ const IDLE_RSS_MAX_MIB: f64 = 50.0;
 
 impl Results {
     fn added_p50_us(&self) -> f64 {
-        f(&self.lat.1, "p50_us") - f(&self.lat.0, "p50_us")
+        self.lat.added(Via::Guard, "p50_us")
     }
 
     fn stream_ratio(&self) -> f64 {
-        f(&self.stream.1, "mib_s") / f(&self.stream.0, "mib_s")
+        self.stream.ratio(Via::Guard, "mib_s")
     }
 
     fn targets(&self) -> [(&'static str, String, bool); 3] {
@@ -855,40 +892,45 @@ impl Results {
     }
 
     fn markdown(&self) -> String {
-        let row = |name: &str, pair: &(Value, Value), k: &str, prec: usize| {
-            let (d, g) = (f(&pair.0, k), f(&pair.1, k));
+        let row = |name: &str, p: &Phase, k: &str, prec: usize| {
+            let (d, g, r) = (f(&p.direct, k), f(&p.guard, k), f(&p.relay, k));
             format!(
-                "| {name} | {d:.prec$} | {g:.prec$} | {:.2}× |\n",
+                "| {name} | {d:.prec$} | {g:.prec$} | {r:.prec$} | {:.2}× | {:.2}× |\n",
                 g / d,
+                r / d,
                 prec = prec
             )
         };
-        let (ld, lg) = &self.lat;
         let mut m = String::new();
-        m += "# Guard L4 passthrough: direct vs through Guard\n\n";
+        m += "# Guard L4 passthrough: direct vs through Guard vs a minimal relay\n\n";
         m += &format!(
-            "{} run; kernel {}; {} CPUs; agent: release build; client and servers: {} build; {:.0} s in all.\n\n",
+            "{} run; kernel {}; {} CPUs; agent: release build; client, servers and minimal relay: {} build; {:.0} s in all.\n\n",
             if self.quick { "Quick (--quick)" } else { "Full" },
             kernel(),
             thread::available_parallelism().map_or(0, |n| n.get()),
             if cfg!(debug_assertions) { "dev (unoptimised)" } else { "release" },
             self.secs,
         );
-        m += "| metric | direct | through Guard | Guard/direct |\n";
-        m += "|---|---:|---:|---:|\n";
+        m += "The minimal relay is the least a user-space relay can do (a process of \
+              its own, worker threads blocking in accept, splice(2) and poll, nothing \
+              looked up or recorded): the floor any relay pays on this machine.\n\n";
+        m += "| metric | direct | through Guard | minimal relay | Guard/direct | relay/direct |\n";
+        m += "|---|---:|---:|---:|---:|---:|\n";
         m += &row("connect → first byte p50 (µs)", &self.lat, "p50_us", 1);
         m += &row("connect → first byte p90 (µs)", &self.lat, "p90_us", 1);
         m += &row("connect → first byte p99 (µs)", &self.lat, "p99_us", 1);
         m += &row("connect → first byte mean (µs)", &self.lat, "mean_us", 1);
         m += &format!(
-            "| added connect latency p50 / p99 (µs) | | {:.1} / {:.1} | |\n",
-            self.added_p50_us(),
-            f(lg, "p99_us") - f(ld, "p99_us")
+            "| added connect latency p50 / p99 (µs) | | {:.1} / {:.1} | {:.1} / {:.1} | | |\n",
+            self.lat.added(Via::Guard, "p50_us"),
+            self.lat.added(Via::Guard, "p99_us"),
+            self.lat.added(Via::Relay, "p50_us"),
+            self.lat.added(Via::Relay, "p99_us"),
         );
         m += &row(
             &format!(
                 "short connections, {} threads (req/s)",
-                self.rps.0["threads"]
+                self.rps.direct["threads"]
             ),
             &self.rps,
             "rps",
@@ -897,16 +939,16 @@ impl Results {
         m += &row(
             &format!(
                 "stream upload, {:.0} MiB (MiB/s)",
-                f(&self.stream.0, "bytes") / (1 << 20) as f64
+                f(&self.stream.direct, "bytes") / (1 << 20) as f64
             ),
             &self.stream,
             "mib_s",
             0,
         );
-        m += &format!("| agent RSS idle (MiB) | | {:.1} | |\n", mib(self.idle_kib));
+        m += &format!("| agent RSS idle (MiB) | | {:.1} | | | |\n", mib(self.idle_kib));
         m += &format!(
-            "| agent RSS under load: peak sampled / VmHWM (MiB) | | {:.1} / {:.1} | |\n\
-             | agent RSS 1 s after the last run (MiB) | | {:.1} | |\n\n\
+            "| agent RSS under load: peak sampled / VmHWM (MiB) | | {:.1} / {:.1} | | | |\n\
+             | agent RSS 1 s after the last run (MiB) | | {:.1} | | | |\n\n\
              (VmHWM covers the agent's whole life; it was {:.1} MiB right after start-up.)\n\n",
             mib(self.peak_kib),
             mib(self.hwm_kib),
@@ -919,12 +961,15 @@ impl Results {
         }
         m += &format!(
             "\nCounts: {} timed connections after {} warm-up (latency); {} connections, {} threads (short connections); 1 connection, {} bytes{} (stream).\n",
-            ld["n"],
-            ld["warmup"],
-            self.rps.0["requests"],
-            self.rps.0["threads"],
-            self.stream.1["bytes"],
-            if self.stream.0["time_bounded"] == true || self.stream.1["time_bounded"] == true {
+            self.lat.direct["n"],
+            self.lat.direct["warmup"],
+            self.rps.direct["requests"],
+            self.rps.direct["threads"],
+            self.stream.guard["bytes"],
+            if [&self.stream.direct, &self.stream.guard, &self.stream.relay]
+                .iter()
+                .any(|v| v["time_bounded"] == true)
+            {
                 " (time-bounded)"
             } else {
                 ""
@@ -949,16 +994,16 @@ impl Results {
     }
 
     fn json(&self) -> Value {
-        let pair = |p: &(Value, Value)| json!({"direct": p.0, "guard": p.1});
+        let phase = |p: &Phase| json!({"direct": p.direct, "guard": p.guard, "relay": p.relay});
         json!({
             "quick": self.quick,
             "kernel": kernel(),
             "cpus": thread::available_parallelism().map_or(0, |n| n.get()),
             "client_build": if cfg!(debug_assertions) { "dev" } else { "release" },
             "secs": self.secs,
-            "latency": pair(&self.lat),
-            "rps": pair(&self.rps),
-            "stream": pair(&self.stream),
+            "latency": phase(&self.lat),
+            "rps": phase(&self.rps),
+            "stream": phase(&self.stream),
             "agent_rss_kib": {
                 "idle": self.idle_kib,
                 "vm_hwm_after_startup": self.startup_hwm_kib,
@@ -967,10 +1012,17 @@ impl Results {
                 "after_load": self.after_kib,
             },
             "ratios": {
-                "latency_p50": f(&self.lat.1, "p50_us") / f(&self.lat.0, "p50_us"),
-                "latency_p99": f(&self.lat.1, "p99_us") / f(&self.lat.0, "p99_us"),
-                "rps": f(&self.rps.1, "rps") / f(&self.rps.0, "rps"),
+                "latency_p50": self.lat.ratio(Via::Guard, "p50_us"),
+                "latency_p99": self.lat.ratio(Via::Guard, "p99_us"),
+                "rps": self.rps.ratio(Via::Guard, "rps"),
                 "stream": self.stream_ratio(),
+            },
+            "relay_ratios": {
+                "latency_p50": self.lat.ratio(Via::Relay, "p50_us"),
+                "latency_p99": self.lat.ratio(Via::Relay, "p99_us"),
+                "rps": self.rps.ratio(Via::Relay, "rps"),
+                "stream": self.stream.ratio(Via::Relay, "mib_s"),
+                "added_latency_p50_us": self.lat.added(Via::Relay, "p50_us"),
             },
             "targets": self.targets().iter().map(|(name, got, ok)| json!({
                 "target": name, "measured": got, "pass": ok,

@@ -14,6 +14,7 @@
 
 mod bench;
 mod bench_https;
+mod bench_relay;
 mod demo;
 mod ebpf;
 mod package;
@@ -56,6 +57,9 @@ enum Task {
     /// The bench's client workload (spawned by `bench`, prints JSON).
     #[command(hide = true)]
     BenchClient(bench::ClientArgs),
+    /// The L4 bench's reference relay (spawned by `bench`).
+    #[command(hide = true)]
+    BenchRelay(bench_relay::RelayArgs),
 }
 
 /// The workspace root.
@@ -154,6 +158,7 @@ fn main() -> ExitCode {
         Task::Demo => require_root("the demo").and_then(|_| demo::run()),
         Task::Bench(a) => require_root("the benchmark").and_then(|_| bench::run(a)),
         Task::BenchClient(a) => bench::client(a),
+        Task::BenchRelay(a) => bench_relay::main(a),
         Task::Package => package::run_package(),
     };
     match res {

@@ -164,7 +164,8 @@ pub struct RunArgs {
     /// cgroup (repeatable).
     #[arg(long = "exclude-cgroup", value_name = "PATH")]
     pub exclude_cgroups: Vec<PathBuf>,
-    /// Runtime worker threads: connections, TLS, detectors (default: one per CPU)
+    /// Intercept threads, each serving the connections it accepts start to
+    /// end: TLS, detectors, relaying (default: one per CPU)
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
     /// Restart without a window: hand the running agent of this state
@@ -173,6 +174,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub takeover: bool,
 }
+
+/// Worker threads of the main runtime (everything but connections).
+const MAIN_RUNTIME_THREADS: usize = 2;
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     crate::logging::init(args.log_json);
@@ -215,11 +219,14 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         worker_threads: args.worker_threads,
     };
     let cfg = AgentConfig::build(file, flags)?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cfg.worker_threads {
-        rt.worker_threads(n);
-    }
-    let rt = rt.enable_all().build().context("starting the runtime")?;
+    // Connections run on intercept threads of their own
+    // (`intercept::workers`); this runtime serves the admin socket, the
+    // store writer, DNS and metrics.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(MAIN_RUNTIME_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     rt.block_on(crate::daemon::run(cfg))?;
     Ok(())
 }

@@ -121,21 +121,25 @@ fn comm_str(comm: &[u8]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-/// Accepts connections until `shutdown` turns true; every connection runs in
-/// its own task, which gets a clone of `shutdown` to stop copying when the
+/// Accepts connections until `close` turns true, then waits until the
+/// connections it accepted have ended. Every connection runs in its own
+/// task on the current runtime (an intercept thread's, see
+/// [`super::workers`]) and gets a clone of `stop`, which ends it when the
 /// agent stops.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Intercept>,
-    mut shutdown: watch::Receiver<bool>,
+    mut close: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             res = listener.accept() => match res {
                 Ok((stream, peer)) => {
                     let ctx = Arc::clone(&ctx);
-                    let stop = shutdown.clone();
-                    tokio::spawn(async move { handle(ctx, stream, peer, stop).await });
+                    let stop = stop.clone();
+                    conns.spawn(async move { handle(ctx, stream, peer, stop).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -143,9 +147,14 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = shutdown.changed() => break,
+            // Reap finished connections as they go.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = async { close.wait_for(|c| *c).await.map(|_| ()) } => break,
         }
     }
+    drop(listener);
+    drop(ctx);
+    while conns.join_next().await.is_some() {}
 }
 
 /// Closes a client connection with a TCP reset.
