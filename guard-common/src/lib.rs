@@ -100,7 +100,10 @@ pub struct KernelConfig {
     pub agent_mark: u32,
     /// Non-zero: only redirect sockets of uids present in `SCOPE_UIDS`.
     pub uid_filter: u32,
-    pub _pad: u32,
+    /// Non-zero: log every redirect (debug level). Off unless the agent
+    /// logs `guard_ebpf` at debug: each record wakes the agent's log reader,
+    /// a cost on every connection's path.
+    pub debug_log: u32,
 }
 
 // ---------------------------------------------------------------------------

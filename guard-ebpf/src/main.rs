@@ -121,6 +121,12 @@ fn cgroup_excluded() -> bool {
 
 // --- Configuration and scope --------------------------------------------
 
+/// Whether per-connection debug records are wanted ([`KernelConfig::debug_log`]).
+#[inline(always)]
+pub(crate) fn debug_log() -> bool {
+    config().is_some_and(|c| c.debug_log != 0)
+}
+
 #[inline(always)]
 fn config() -> Option<&'static KernelConfig> {
     CONFIG.get(0)
@@ -225,7 +231,9 @@ unsafe fn try_connect4(ctx: &SockAddrContext) {
     }
     (*sa).user_ip4 = u32::from_ne_bytes(cfg.listen_v4);
     (*sa).user_port = cfg.listen_v4_port.to_be() as u32;
-    debug!(ctx, "guard: redirected a connect4 to port {}", port);
+    if debug_log() {
+        debug!(ctx, "guard: redirected a connect4 to port {}", port);
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -303,7 +311,9 @@ unsafe fn try_connect6(ctx: &SockAddrContext) {
     (*sa).user_ip6[2] = bytes_to_word(&listen, 2);
     (*sa).user_ip6[3] = bytes_to_word(&listen, 3);
     (*sa).user_port = listen_port.to_be() as u32;
-    debug!(ctx, "guard: redirected a connect6 to port {}", port);
+    if debug_log() {
+        debug!(ctx, "guard: redirected a connect6 to port {}", port);
+    }
 }
 
 #[sock_ops]

@@ -151,11 +151,15 @@ unsafe fn udp4(ctx: &SockAddrContext) -> i32 {
         }
         (*sa).user_ip4 = u32::from_ne_bytes(dc.resolver_v4);
         (*sa).user_port = dc.resolver_v4_port.to_be() as u32;
-        debug!(ctx, "guard: DNS (v4) sent to the agent's resolver");
+        if crate::debug_log() {
+            debug!(ctx, "guard: DNS (v4) sent to the agent's resolver");
+        }
         return ALLOW;
     }
     if udp_blocked(&dst) {
-        debug!(ctx, "guard: UDP to port {} refused", port);
+        if crate::debug_log() {
+            debug!(ctx, "guard: UDP to port {} refused", port);
+        }
         return DENY;
     }
     ALLOW
@@ -193,11 +197,15 @@ unsafe fn udp6(ctx: &SockAddrContext) -> i32 {
         (*sa).user_ip6[2] = bytes_to_word(&to, 2);
         (*sa).user_ip6[3] = bytes_to_word(&to, 3);
         (*sa).user_port = to_port.to_be() as u32;
-        debug!(ctx, "guard: DNS (v6) sent to the agent's resolver");
+        if crate::debug_log() {
+            debug!(ctx, "guard: DNS (v6) sent to the agent's resolver");
+        }
         return ALLOW;
     }
     if udp_blocked(&dst) {
-        debug!(ctx, "guard: UDP to port {} refused", port);
+        if crate::debug_log() {
+            debug!(ctx, "guard: UDP to port {} refused", port);
+        }
         return DENY;
     }
     ALLOW

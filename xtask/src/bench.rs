@@ -945,7 +945,10 @@ impl Results {
             "mib_s",
             0,
         );
-        m += &format!("| agent RSS idle (MiB) | | {:.1} | | | |\n", mib(self.idle_kib));
+        m += &format!(
+            "| agent RSS idle (MiB) | | {:.1} | | | |\n",
+            mib(self.idle_kib)
+        );
         m += &format!(
             "| agent RSS under load: peak sampled / VmHWM (MiB) | | {:.1} / {:.1} | | | |\n\
              | agent RSS 1 s after the last run (MiB) | | {:.1} | | | |\n\n\

@@ -82,9 +82,16 @@ impl Direction {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: pipe2 succeeded; both descriptors are ours alone.
-        let (pipe_r, pipe_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (pipe_r, pipe_w) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: fcntl on a descriptor we own; failure only costs speed.
-        unsafe { libc::fcntl(pipe_w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        unsafe {
+            libc::fcntl(
+                pipe_w.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
         Ok(Self {
             src,
             dst,

@@ -443,6 +443,7 @@ pub fn kernel_config(cfg: &AgentConfig) -> KernelConfig {
         agent_tgid: std::process::id(),
         agent_mark: cfg.mark,
         uid_filter: u32::from(!cfg.uids.is_empty()),
+        debug_log: u32::from(tracing::enabled!(target: "guard_ebpf", tracing::Level::DEBUG)),
         ..Default::default()
     };
     if let Some(SocketAddr::V4(a)) = cfg.listen_v4 {
