@@ -26,7 +26,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
+    maps::{lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, MapData},
     Ebpf, EbpfLoader,
 };
 use guard_common::{
@@ -150,6 +150,9 @@ impl AttachmentView {
 /// Reads (and consumes) the original destination of accepted connections.
 pub struct OriginalDstTable {
     map: Mutex<HashMap<MapData, SockAddrKey, OriginalDst>>,
+    /// Whether the kernel takes an entry in one call (Linux 5.14+); cleared
+    /// on the first refusal, then a lookup and a delete are used.
+    one_call: std::sync::atomic::AtomicBool,
 }
 
 /// The map key for a peer address as the agent sees it on `accept()`.
@@ -179,12 +182,84 @@ pub const DEFAULT_EXCLUDES: [&str; 4] = ["127.0.0.0/8", "169.254.0.0/16", "::1/1
 impl OriginalDstTable {
     /// Looks up and removes the entry for an accepted connection's peer.
     pub fn take(&self, peer: SocketAddr) -> Option<OriginalDst> {
+        use std::sync::atomic::Ordering::Relaxed;
         let key = peer_key(peer);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if self.one_call.load(Relaxed) {
+            match lookup_and_delete(map.map().fd().as_fd(), &key) {
+                Ok(v) => return v,
+                Err(e) if is_unsupported(&e) => {
+                    tracing::debug!("BPF_MAP_LOOKUP_AND_DELETE_ELEM unsupported ({e}): two calls per connection");
+                    self.one_call.store(false, Relaxed);
+                }
+                Err(_) => return None,
+            }
+        }
         let v = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(v)
     }
+}
+
+/// `bpf(2)` command number of BPF_MAP_LOOKUP_AND_DELETE_ELEM.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The map element part of `union bpf_attr`.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads and removes one entry in a single syscall; `Ok(None)` when absent.
+fn lookup_and_delete(
+    map: std::os::fd::BorrowedFd<'_>,
+    key: &SockAddrKey,
+) -> std::io::Result<Option<OriginalDst>> {
+    use std::os::fd::AsRawFd;
+    let mut value = std::mem::MaybeUninit::<OriginalDst>::zeroed();
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const SockAddrKey as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points to key and value buffers of the map's key and
+    // value sizes (the map is declared with these types on both sides),
+    // both alive for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const MapElemAttr,
+            std::mem::size_of::<MapElemAttr>(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: the kernel filled the value; OriginalDst is plain data
+        // for which every bit pattern (zeroed to start with) is valid.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// The kernel does not know the command for this map type.
+fn is_unsupported(e: &std::io::Error) -> bool {
+    /// The kernel's internal ENOTSUPP, which bpf(2) can leak.
+    const ENOTSUPP: i32 = 524;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
 }
 
 impl KernelPrograms {
@@ -285,6 +360,7 @@ impl KernelPrograms {
         })?;
         let table = OriginalDstTable {
             map: Mutex::new(HashMap::try_from(peer_map).map_err(map_err("ORIG_BY_PEER"))?),
+            one_call: std::sync::atomic::AtomicBool::new(true),
         };
         let instance = pins::instance_dir(&cfg.state_dir);
         let generation = instance.join(pins::generation_name());
@@ -475,6 +551,79 @@ pub fn scope_entries(cfg: &AgentConfig) -> Vec<(IpNet, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An LRU hash map of the table's key and value types, made with
+    /// bpf(2) directly (needs root, as the agent does).
+    fn lru_map() -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd;
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+        let attr = CreateAttr {
+            map_type: BPF_MAP_TYPE_LRU_HASH,
+            key_size: std::mem::size_of::<SockAddrKey>() as u32,
+            value_size: std::mem::size_of::<OriginalDst>() as u32,
+            max_entries: 16,
+            map_flags: 0,
+        };
+        // SAFETY: a valid attr for BPF_MAP_CREATE of its own size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_CREATE,
+                &attr as *const CreateAttr,
+                std::mem::size_of::<CreateAttr>(),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "creating a BPF map (run the tests as root): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: bpf(2) returned a new descriptor that nothing else owns.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    #[test]
+    fn an_entry_is_taken_in_one_call_and_only_once() {
+        let map = lru_map();
+        let key = peer_key("10.0.0.1:40000".parse().unwrap());
+        let value = OriginalDst {
+            tgid: 4242,
+            uid: 1000,
+            ..Default::default()
+        };
+        let attr = MapElemAttr {
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&map) as u32,
+            _pad: 0,
+            key: &key as *const SockAddrKey as u64,
+            value: &value as *const OriginalDst as u64,
+            flags: 0,
+        };
+        const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+        // SAFETY: attr points to a key and a value of the map's sizes.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_ELEM,
+                &attr as *const MapElemAttr,
+                std::mem::size_of::<MapElemAttr>(),
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        let got = lookup_and_delete(map.as_fd(), &key)
+            .expect("this kernel takes LRU hash entries in one call")
+            .expect("the entry is there");
+        assert_eq!((got.tgid, got.uid), (4242, 1000));
+        assert!(lookup_and_delete(map.as_fd(), &key).unwrap().is_none());
+    }
 
     #[test]
     fn ipv4_prefixes_are_mapped() {

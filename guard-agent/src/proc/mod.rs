@@ -5,7 +5,10 @@
 //! Lookups read the filesystem, so callers run them off the accept loop
 //! ([`ProcCache::lookup`] uses `spawn_blocking`). Results are cached by
 //! (pid, start time), so a recycled pid is never given a previous owner's
-//! identity. A process that exited before we looked leaves only what the
+//! identity. A pid verified less than [`REVERIFY_AFTER`] ago is trusted
+//! without reading `/proc` again: the kernel reuses a pid only after handing
+//! out all the others (`pid_max`), which takes far longer. (An exec keeps
+//! pid and start time: like the cache, the window does not notice it.) A process that exited before we looked leaves only what the
 //! kernel recorded (comm, uid); this module never guesses beyond that.
 
 use std::{
@@ -13,6 +16,7 @@ use std::{
     fs,
     num::NonZeroUsize,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use lru::LruCache;
@@ -121,10 +125,22 @@ pub fn read_proc(pid: u32) -> ProcInfo {
     }
 }
 
+/// How long a verified pid is trusted without reading `/proc/PID/stat`
+/// again (when `pid_max` is at least [`MIN_PID_MAX_FOR_REUSE`]). Reusing a
+/// pid within it would take `pid_max` forks in that time: over 300 000 per
+/// second at the smallest `pid_max` this is allowed for.
+pub const REVERIFY_AFTER: Duration = Duration::from_millis(100);
+/// Below this `pid_max`, every lookup reads `/proc/PID/stat`.
+const MIN_PID_MAX_FOR_REUSE: u64 = 32768;
+
 /// A bounded cache of [`ProcInfo`] keyed by (pid, start time), and of user
 /// names by uid.
 pub struct ProcCache {
     procs: Mutex<LruCache<(u32, u64), Arc<ProcInfo>>>,
+    /// Pids verified recently, with when (see [`REVERIFY_AFTER`]).
+    recent: Mutex<LruCache<u32, (Instant, Arc<ProcInfo>)>>,
+    /// Zero when `pid_max` is too small to trust a pid without a read.
+    reverify_after: Duration,
     users: Mutex<HashMap<u32, Option<String>>>,
 }
 
@@ -136,26 +152,56 @@ impl Default for ProcCache {
 
 impl ProcCache {
     pub fn new(capacity: usize) -> Self {
+        let pid_max = fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Self::with_reverify(capacity, pid_max >= MIN_PID_MAX_FOR_REUSE)
+    }
+
+    fn with_reverify(capacity: usize, trust_recent: bool) -> Self {
+        let cap = NonZeroUsize::new(capacity.max(1)).unwrap();
         Self {
-            procs: Mutex::new(LruCache::new(NonZeroUsize::new(capacity.max(1)).unwrap())),
+            procs: Mutex::new(LruCache::new(cap)),
+            recent: Mutex::new(LruCache::new(cap)),
+            reverify_after: if trust_recent {
+                REVERIFY_AFTER
+            } else {
+                Duration::ZERO
+            },
             users: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Identity of `pid`: a cache hit costs one small read of
-    /// `/proc/PID/stat` on the calling task; a miss reads the rest on a
-    /// blocking thread.
+    /// Identity of `pid`: a pid verified within [`REVERIFY_AFTER`] costs
+    /// nothing; another cache hit costs one small read of `/proc/PID/stat`
+    /// on the calling task; a miss reads the rest on a blocking thread.
     pub async fn lookup(self: &Arc<Self>, pid: u32) -> Arc<ProcInfo> {
+        let now = Instant::now();
+        if let Some((at, info)) = self.recent.lock().unwrap().get(&pid) {
+            if now.duration_since(*at) < self.reverify_after {
+                return Arc::clone(info);
+            }
+        }
         let Some((start, _)) = stat_fields(pid) else {
             return Arc::new(ProcInfo::default());
         };
-        if let Some(hit) = self.procs.lock().unwrap().get(&(pid, start)) {
-            return Arc::clone(hit);
-        }
-        let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || this.lookup_blocking(pid))
-            .await
-            .unwrap_or_default()
+        let hit = self.procs.lock().unwrap().get(&(pid, start)).cloned();
+        let info = match hit {
+            Some(hit) => hit,
+            None => {
+                let this = Arc::clone(self);
+                match tokio::task::spawn_blocking(move || this.lookup_blocking(pid)).await {
+                    Ok(info) => info,
+                    Err(_) => return Arc::new(ProcInfo::default()),
+                }
+            }
+        };
+        self.recent
+            .lock()
+            .unwrap()
+            .put(pid, (now, Arc::clone(&info)));
+        info
     }
 
     /// Same as [`ProcCache::lookup`], on the calling thread.
@@ -207,6 +253,35 @@ mod tests {
         let a = cache.lookup_blocking(std::process::id());
         let b = cache.lookup_blocking(std::process::id());
         assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[tokio::test]
+    async fn a_recently_verified_pid_is_trusted_until_the_window_ends() {
+        let me = std::process::id();
+        let start = stat_fields(me).unwrap().0;
+        // Swapping what the (pid, start) entry says shows whether a lookup
+        // read /proc/PID/stat (a verification) or trusted the window.
+        let swap = |cache: &ProcCache| {
+            let other = Arc::new(ProcInfo::default());
+            cache
+                .procs
+                .lock()
+                .unwrap()
+                .put((me, start), Arc::clone(&other));
+            other
+        };
+        let cache = Arc::new(ProcCache::with_reverify(4, true));
+        let first = cache.lookup(me).await;
+        let other = swap(&cache);
+        assert!(Arc::ptr_eq(&cache.lookup(me).await, &first));
+        // Once the window is over, the pid is verified again.
+        cache.recent.lock().unwrap().peek_mut(&me).unwrap().0 -= REVERIFY_AFTER;
+        assert!(Arc::ptr_eq(&cache.lookup(me).await, &other));
+        // With a small pid_max there is no window: every lookup verifies.
+        let strict = Arc::new(ProcCache::with_reverify(4, false));
+        strict.lookup(me).await;
+        let other = swap(&strict);
+        assert!(Arc::ptr_eq(&strict.lookup(me).await, &other));
     }
 
     #[test]
