@@ -220,6 +220,7 @@ fn latency_client(a: &ClientArgs) -> anyhow::Result<Value> {
         "n": a.n,
         "warmup": a.warmup,
         "connections": a.n + a.warmup,
+        "operations": a.n + a.warmup,
         "secs": secs,
         "min_us": us.first(),
         "p50_us": percentile(&us, 50.0),
@@ -267,6 +268,7 @@ fn rps_client(a: &ClientArgs) -> anyhow::Result<Value> {
         "requests": a.n,
         "warmup": a.warmup,
         "connections": a.n + a.warmup,
+        "operations": a.n + a.warmup,
         "threads": threads,
         "secs": secs,
         "rps": a.n as f64 / secs,
@@ -439,7 +441,23 @@ pub(crate) fn proc_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// CPU time (user + system, all threads, in µs) a process has used so far,
 /// from `/proc/<pid>/stat` (clock ticks).
+/// CPU time of a process so far, in µs: the sum of its threads'
+/// nanosecond run times (`/proc/PID/task/*/schedstat`); the clock-tick
+/// figures of `/proc/PID/stat` (10 ms steps) when those are unavailable.
+/// Threads that already exited are not in the sum: the agent's
+/// long-lived threads do the work measured here.
 fn proc_cpu_us(pid: u32) -> Option<f64> {
+    let threads_ns = || -> Option<u64> {
+        let mut ns = 0;
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let s = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+            ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+        Some(ns)
+    };
+    if let Some(ns) = threads_ns() {
+        return Some(ns as f64 / 1e3);
+    }
     let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &st[st.rfind(')')? + 2..];
@@ -944,6 +962,11 @@ impl Results {
             &self.stream,
             "mib_s",
             0,
+        );
+        m += &format!(
+            "| agent CPU per connection, latency / short connections (µs) | | {:.1} / {:.1} | | | |\n",
+            f(&self.lat.guard, "agent_cpu_us_per_op"),
+            f(&self.rps.guard, "agent_cpu_us_per_op"),
         );
         m += &format!(
             "| agent RSS idle (MiB) | | {:.1} | | | |\n",
