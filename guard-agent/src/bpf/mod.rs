@@ -231,14 +231,7 @@ fn lookup_and_delete(
     // SAFETY: attr points to key and value buffers of the map's key and
     // value sizes (the map is declared with these types on both sides),
     // both alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &attr as *const MapElemAttr,
-            std::mem::size_of::<MapElemAttr>(),
-        )
-    };
+    let r = unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) };
     if r == 0 {
         // SAFETY: the kernel filled the value; OriginalDst is plain data
         // for which every bit pattern (zeroed to start with) is valid.
@@ -250,6 +243,20 @@ fn lookup_and_delete(
     } else {
         Err(e)
     }
+}
+
+/// `bpf(2)` with `attr` as the command's part of `union bpf_attr`.
+///
+/// # Safety
+/// `attr` must be laid out as the kernel expects for `cmd`, and every
+/// pointer in it valid for what `cmd` reads or writes through it.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> libc::c_long {
+    libc::syscall(
+        libc::SYS_bpf,
+        cmd,
+        attr as *const A,
+        std::mem::size_of::<A>(),
+    )
 }
 
 /// The kernel does not know the command for this map type.
@@ -573,15 +580,8 @@ mod tests {
             max_entries: 16,
             map_flags: 0,
         };
-        // SAFETY: a valid attr for BPF_MAP_CREATE of its own size.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_CREATE,
-                &attr as *const CreateAttr,
-                std::mem::size_of::<CreateAttr>(),
-            )
-        };
+        // SAFETY: the start of BPF_MAP_CREATE's attr; no pointers.
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &attr) };
         assert!(
             fd >= 0,
             "creating a BPF map (run the tests as root): {}",
@@ -609,14 +609,7 @@ mod tests {
         };
         const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
         // SAFETY: attr points to a key and a value of the map's sizes.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_ELEM,
-                &attr as *const MapElemAttr,
-                std::mem::size_of::<MapElemAttr>(),
-            )
-        };
+        let r = unsafe { bpf(BPF_MAP_UPDATE_ELEM, &attr) };
         assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
         let got = lookup_and_delete(map.as_fd(), &key)
             .expect("this kernel takes LRU hash entries in one call")
