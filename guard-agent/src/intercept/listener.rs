@@ -13,10 +13,7 @@ use std::{
 use guard_common::OriginalDst;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::{net::TcpStream, sync::watch};
 
 use globset::GlobSet;
 
@@ -121,42 +118,6 @@ fn comm_str(comm: &[u8]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-/// Accepts connections until `close` turns true, then waits until the
-/// connections it accepted have ended. Every connection runs in its own
-/// task on the current runtime (an intercept thread's, see
-/// [`super::workers`]) and gets a clone of `stop`, which ends it when the
-/// agent stops.
-pub async fn serve(
-    listener: TcpListener,
-    ctx: Arc<Intercept>,
-    mut close: watch::Receiver<bool>,
-    stop: watch::Receiver<bool>,
-) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            res = listener.accept() => match res {
-                Ok((stream, peer)) => {
-                    let ctx = Arc::clone(&ctx);
-                    let stop = stop.clone();
-                    conns.spawn(async move { handle(ctx, stream, peer, stop).await });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            // Reap finished connections as they go.
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = async { close.wait_for(|c| *c).await.map(|_| ()) } => break,
-        }
-    }
-    drop(listener);
-    drop(ctx);
-    while conns.join_next().await.is_some() {}
-}
-
 /// Closes a client connection with a TCP reset.
 fn reset(stream: TcpStream) {
     // Linger 0 on a non-blocking socket: close sends RST at once, nothing blocks.
@@ -179,7 +140,9 @@ async fn original_destination(table: &OriginalDstTable, peer: SocketAddr) -> Opt
     None
 }
 
-async fn handle(
+/// Serves one redirected connection start to end (see [`super::workers`]
+/// for the thread it runs on); `stop` ends it when the agent stops.
+pub async fn handle(
     ctx: Arc<Intercept>,
     client: TcpStream,
     peer: SocketAddr,

@@ -11,17 +11,37 @@
 //! microseconds on small VMs, and the connect path paid several per
 //! connection (README, Benchmarks).
 //!
+//! The kernel picks a thread by a hash of the connection's addresses, so a
+//! few long connections can land on one thread while another idles. At
+//! accept, a thread that has more open connections than the least loaded
+//! one hands the new connection over to it (one wake-up, once per
+//! connection); with equal loads, as for sequential connections, it keeps
+//! it.
+//!
 //! What this module must never do: share one listening socket between
 //! threads (each would wake for every connection), or move a connection
-//! between threads. Everything else the agent runs (admin socket, store
-//! writer, DNS over UDP, metrics) stays on the main runtime.
+//! between threads once it is being served. Everything else the agent runs
+//! (admin socket, store writer, DNS over UDP, metrics) stays on the main
+//! runtime.
 
-use std::{io, net::SocketAddr, sync::Arc, thread};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::Poll,
+    thread,
+    time::Duration,
+};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::{
-    net::TcpListener,
-    sync::{oneshot, watch},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot, watch},
+    task::JoinSet,
 };
 
 use super::listener::{self, Intercept};
@@ -59,6 +79,43 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpLis
     (0..n.max(1)).map(|_| bind_member(addr)).collect()
 }
 
+/// A connection handed from the thread that accepted it to another.
+type Handoff = (std::net::TcpStream, SocketAddr);
+
+/// Open connections per thread, and the way to hand one to a thread.
+struct Placement {
+    loads: Vec<AtomicUsize>,
+    handoff: Vec<mpsc::UnboundedSender<Handoff>>,
+}
+
+impl Placement {
+    /// Where a connection accepted by thread `me` should run: the least
+    /// loaded thread when it has fewer open connections than `me`, else
+    /// `me`. Counts it there at once, so that the next decision sees it.
+    fn place(&self, me: usize) -> usize {
+        let mine = self.loads[me].load(Ordering::Relaxed);
+        let (least, load) = self
+            .loads
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, l.load(Ordering::Relaxed)))
+            .min_by_key(|(_, l)| *l)
+            .unwrap_or((me, mine));
+        let to = if load < mine { least } else { me };
+        self.loads[to].fetch_add(1, Ordering::Relaxed);
+        to
+    }
+}
+
+/// Uncounts a connection from its thread when its task ends.
+struct Counted(Arc<Placement>, usize);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.loads[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The running intercept threads.
 pub struct Workers {
     close: watch::Sender<bool>,
@@ -75,18 +132,30 @@ impl Workers {
         stop: watch::Receiver<bool>,
     ) -> io::Result<Self> {
         let (close, close_rx) = watch::channel(false);
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            listeners.iter().map(|_| mpsc::unbounded_channel()).unzip();
+        let placement = Arc::new(Placement {
+            loads: listeners.iter().map(|_| AtomicUsize::new(0)).collect(),
+            handoff: senders,
+        });
         let mut done = Vec::new();
-        for (i, socks) in listeners.into_iter().enumerate() {
+        for (me, (socks, handed)) in listeners.into_iter().zip(receivers).enumerate() {
             // Built here so that a failure stops the start-up.
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let (done_tx, done_rx) = oneshot::channel();
-            let (ctx, close_rx, stop) = (Arc::clone(&ctx), close_rx.clone(), stop.clone());
+            let thread = Thread {
+                me,
+                placement: Arc::clone(&placement),
+                ctx: Arc::clone(&ctx),
+                stop: stop.clone(),
+            };
+            let close_rx = close_rx.clone();
             thread::Builder::new()
-                .name(format!("guard-intercept-{i}"))
+                .name(format!("guard-intercept-{me}"))
                 .spawn(move || {
-                    rt.block_on(serve_all(socks, ctx, close_rx, stop));
+                    rt.block_on(thread.serve(socks, handed, close_rx));
                     let _ = done_tx.send(());
                 })?;
             done.push(done_rx);
@@ -109,35 +178,150 @@ impl Workers {
     }
 }
 
-/// One thread's work: accept on each of its sockets until closed, then
-/// wait for the connections it accepted.
-async fn serve_all(
-    socks: Vec<std::net::TcpListener>,
+/// One intercept thread.
+struct Thread {
+    me: usize,
+    placement: Arc<Placement>,
     ctx: Arc<Intercept>,
-    close: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
-) {
-    let mut serving = Vec::new();
-    for s in socks {
-        match TcpListener::from_std(s) {
-            Ok(l) => serving.push(tokio::spawn(listener::serve(
-                l,
-                Arc::clone(&ctx),
-                close.clone(),
-                stop.clone(),
-            ))),
-            Err(e) => tracing::error!("cannot serve a listening socket: {e}"),
+}
+
+impl Thread {
+    /// Accepts on this thread's sockets and takes connections handed over
+    /// by other threads until `close` turns true, then waits until its
+    /// connections have ended.
+    async fn serve(
+        self,
+        socks: Vec<std::net::TcpListener>,
+        mut handed: mpsc::UnboundedReceiver<Handoff>,
+        mut close: watch::Receiver<bool>,
+    ) {
+        let listeners: Vec<TcpListener> = socks
+            .into_iter()
+            .filter_map(|s| {
+                TcpListener::from_std(s)
+                    .map_err(|e| tracing::error!("cannot serve a listening socket: {e}"))
+                    .ok()
+            })
+            .collect();
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                res = accept_any(&listeners) => match res {
+                    Ok((stream, peer)) => self.dispatch(&mut conns, stream, peer),
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some((stream, peer)) = handed.recv() => self.run_handed(&mut conns, stream, peer),
+                // Reap finished connections as they go.
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                _ = async { close.wait_for(|c| *c).await.map(|_| ()) } => break,
+            }
+        }
+        drop(listeners);
+        // Connections handed over just before the close are served too.
+        handed.close();
+        while let Some((stream, peer)) = handed.recv().await {
+            self.run_handed(&mut conns, stream, peer);
+        }
+        while conns.join_next().await.is_some() {}
+    }
+
+    /// Serves an accepted connection here, or hands it to a thread with
+    /// fewer open connections.
+    fn dispatch(&self, conns: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
+        let to = self.placement.place(self.me);
+        if to != self.me {
+            match stream.into_std() {
+                Ok(std) => match self.placement.handoff[to].send((std, peer)) {
+                    Ok(()) => return,
+                    // That thread has closed: serve it here after all.
+                    Err(mpsc::error::SendError((std, _))) => {
+                        self.placement.loads[to].fetch_sub(1, Ordering::Relaxed);
+                        self.placement.loads[self.me].fetch_add(1, Ordering::Relaxed);
+                        self.run_handed(conns, std, peer);
+                        return;
+                    }
+                },
+                Err(e) => {
+                    self.placement.loads[to].fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!("cannot hand a connection over: {e}");
+                    return;
+                }
+            }
+        }
+        self.run(conns, stream, peer, to);
+    }
+
+    /// Serves a connection another thread accepted (already counted here).
+    fn run_handed(&self, conns: &mut JoinSet<()>, stream: std::net::TcpStream, peer: SocketAddr) {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => self.run(conns, stream, peer, self.me),
+            Err(e) => {
+                self.placement.loads[self.me].fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!("cannot take a handed-over connection: {e}");
+            }
         }
     }
-    drop(ctx);
-    for s in serving {
-        let _ = s.await;
+
+    fn run(&self, conns: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr, counted: usize) {
+        let count = Counted(Arc::clone(&self.placement), counted);
+        let (ctx, stop) = (Arc::clone(&self.ctx), self.stop.clone());
+        conns.spawn(async move {
+            listener::handle(ctx, stream, peer, stop).await;
+            drop(count);
+        });
     }
+}
+
+/// The next connection on any of `listeners`.
+fn accept_any(
+    listeners: &[TcpListener],
+) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + '_ {
+    std::future::poll_fn(move |cx| {
+        for l in listeners {
+            if let Poll::Ready(r) = l.poll_accept(cx) {
+                return Poll::Ready(r);
+            }
+        }
+        Poll::Pending
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn placement(loads: &[usize]) -> Placement {
+        Placement {
+            loads: loads.iter().map(|l| AtomicUsize::new(*l)).collect(),
+            handoff: loads.iter().map(|_| mpsc::unbounded_channel().0).collect(),
+        }
+    }
+
+    #[test]
+    fn a_connection_moves_only_to_a_thread_with_fewer_open_connections() {
+        // Equal loads (sequential connections): stay, no hand-over.
+        let p = placement(&[0, 0]);
+        assert_eq!(p.place(0), 0);
+        // Four connections all hashed to thread 0 end up two and two.
+        assert_eq!(p.place(0), 1);
+        assert_eq!(p.place(0), 0);
+        assert_eq!(p.place(0), 1);
+        let loads: Vec<usize> = p.loads.iter().map(|l| l.load(Ordering::Relaxed)).collect();
+        assert_eq!(loads, [2, 2]);
+        // The least loaded of several.
+        let p = placement(&[3, 2, 0, 1]);
+        assert_eq!(p.place(1), 2);
+        assert_eq!(p.loads[2].load(Ordering::Relaxed), 1);
+        // Ending a connection uncounts it where it ran.
+        let p = Arc::new(placement(&[1, 0]));
+        drop(Counted(Arc::clone(&p), 0));
+        assert_eq!(p.loads[0].load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn a_group_shares_one_port_and_refuses_a_second_group() {
