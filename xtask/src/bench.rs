@@ -439,8 +439,6 @@ pub(crate) fn proc_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// CPU time (user + system, all threads, in µs) a process has used so far,
-/// from `/proc/<pid>/stat` (clock ticks).
 /// CPU time of a process so far, in µs: the sum of its threads'
 /// nanosecond run times (`/proc/PID/task/*/schedstat`); the clock-tick
 /// figures of `/proc/PID/stat` (10 ms steps) when those are unavailable.
@@ -824,20 +822,20 @@ struct Phase {
 }
 
 impl Phase {
-    fn ratio(&self, via: Via, k: &str) -> f64 {
-        let v = match via {
+    /// The figures through Guard or through the relay.
+    fn via(&self, via: Via) -> &Value {
+        match via {
             Via::Relay => &self.relay,
             _ => &self.guard,
-        };
-        f(v, k) / f(&self.direct, k)
+        }
+    }
+
+    fn ratio(&self, via: Via, k: &str) -> f64 {
+        f(self.via(via), k) / f(&self.direct, k)
     }
 
     fn added(&self, via: Via, k: &str) -> f64 {
-        let v = match via {
-            Via::Relay => &self.relay,
-            _ => &self.guard,
-        };
-        f(v, k) - f(&self.direct, k)
+        f(self.via(via), k) - f(&self.direct, k)
     }
 }
 

@@ -79,8 +79,9 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpLis
     (0..n.max(1)).map(|_| bind_member(addr)).collect()
 }
 
-/// A connection handed from the thread that accepted it to another.
-type Handoff = (std::net::TcpStream, SocketAddr);
+/// A connection handed from the thread that accepted it to another, already
+/// counted there.
+type Handoff = (std::net::TcpStream, SocketAddr, Counted);
 
 /// Open connections per thread, and the way to hand one to a thread.
 struct Placement {
@@ -91,8 +92,9 @@ struct Placement {
 impl Placement {
     /// Where a connection accepted by thread `me` should run: the least
     /// loaded thread when it has fewer open connections than `me`, else
-    /// `me`. Counts it there at once, so that the next decision sees it.
-    fn place(&self, me: usize) -> usize {
+    /// `me`. Counts it there at once, so that the next decision sees it;
+    /// the count goes with the connection and ends with it.
+    fn place(self: &Arc<Self>, me: usize) -> Counted {
         let mine = self.loads[me].load(Ordering::Relaxed);
         let (least, load) = self
             .loads
@@ -103,12 +105,21 @@ impl Placement {
             .unwrap_or((me, mine));
         let to = if load < mine { least } else { me };
         self.loads[to].fetch_add(1, Ordering::Relaxed);
-        to
+        Counted(Arc::clone(self), to)
     }
 }
 
-/// Uncounts a connection from its thread when its task ends.
+/// A connection counted on thread `.1`; uncounted when dropped (its task
+/// ended, or it was lost on the way).
 struct Counted(Arc<Placement>, usize);
+
+impl Counted {
+    /// The same connection, counted on thread `to` instead.
+    fn move_to(self, to: usize) -> Counted {
+        self.0.loads[to].fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(&self.0), to)
+    }
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -215,7 +226,7 @@ impl Thread {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                Some((stream, peer)) = handed.recv() => self.run_handed(&mut conns, stream, peer),
+                Some((stream, peer, count)) = handed.recv() => self.run_handed(&mut conns, stream, peer, count),
                 // Reap finished connections as they go.
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 _ = async { close.wait_for(|c| *c).await.map(|_| ()) } => break,
@@ -224,8 +235,8 @@ impl Thread {
         drop(listeners);
         // Connections handed over just before the close are served too.
         handed.close();
-        while let Some((stream, peer)) = handed.recv().await {
-            self.run_handed(&mut conns, stream, peer);
+        while let Some((stream, peer, count)) = handed.recv().await {
+            self.run_handed(&mut conns, stream, peer, count);
         }
         while conns.join_next().await.is_some() {}
     }
@@ -233,42 +244,39 @@ impl Thread {
     /// Serves an accepted connection here, or hands it to a thread with
     /// fewer open connections.
     fn dispatch(&self, conns: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
-        let to = self.placement.place(self.me);
-        if to != self.me {
-            match stream.into_std() {
-                Ok(std) => match self.placement.handoff[to].send((std, peer)) {
-                    Ok(()) => return,
+        let count = self.placement.place(self.me);
+        let to = count.1;
+        if to == self.me {
+            return self.run(conns, stream, peer, count);
+        }
+        match stream.into_std() {
+            Ok(std) => {
+                if let Err(mpsc::error::SendError((std, peer, count))) =
+                    self.placement.handoff[to].send((std, peer, count))
+                {
                     // That thread has closed: serve it here after all.
-                    Err(mpsc::error::SendError((std, _))) => {
-                        self.placement.loads[to].fetch_sub(1, Ordering::Relaxed);
-                        self.placement.loads[self.me].fetch_add(1, Ordering::Relaxed);
-                        self.run_handed(conns, std, peer);
-                        return;
-                    }
-                },
-                Err(e) => {
-                    self.placement.loads[to].fetch_sub(1, Ordering::Relaxed);
-                    tracing::warn!("cannot hand a connection over: {e}");
-                    return;
+                    self.run_handed(conns, std, peer, count.move_to(self.me));
                 }
             }
+            Err(e) => tracing::warn!("cannot hand a connection over: {e}"),
         }
-        self.run(conns, stream, peer, to);
     }
 
-    /// Serves a connection another thread accepted (already counted here).
-    fn run_handed(&self, conns: &mut JoinSet<()>, stream: std::net::TcpStream, peer: SocketAddr) {
+    /// Serves a connection another thread accepted.
+    fn run_handed(
+        &self,
+        conns: &mut JoinSet<()>,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        count: Counted,
+    ) {
         match TcpStream::from_std(stream) {
-            Ok(stream) => self.run(conns, stream, peer, self.me),
-            Err(e) => {
-                self.placement.loads[self.me].fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!("cannot take a handed-over connection: {e}");
-            }
+            Ok(stream) => self.run(conns, stream, peer, count),
+            Err(e) => tracing::warn!("cannot take a handed-over connection: {e}"),
         }
     }
 
-    fn run(&self, conns: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr, counted: usize) {
-        let count = Counted(Arc::clone(&self.placement), counted);
+    fn run(&self, conns: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr, count: Counted) {
         let (ctx, stop) = (Arc::clone(&self.ctx), self.stop.clone());
         conns.spawn(async move {
             listener::handle(ctx, stream, peer, stop).await;
@@ -295,32 +303,38 @@ fn accept_any(
 mod tests {
     use super::*;
 
-    fn placement(loads: &[usize]) -> Placement {
-        Placement {
+    fn placement(loads: &[usize]) -> Arc<Placement> {
+        Arc::new(Placement {
             loads: loads.iter().map(|l| AtomicUsize::new(*l)).collect(),
             handoff: loads.iter().map(|_| mpsc::unbounded_channel().0).collect(),
-        }
+        })
     }
 
     #[test]
     fn a_connection_moves_only_to_a_thread_with_fewer_open_connections() {
         // Equal loads (sequential connections): stay, no hand-over.
         let p = placement(&[0, 0]);
-        assert_eq!(p.place(0), 0);
+        let first = p.place(0);
+        assert_eq!(first.1, 0);
         // Four connections all hashed to thread 0 end up two and two.
-        assert_eq!(p.place(0), 1);
-        assert_eq!(p.place(0), 0);
-        assert_eq!(p.place(0), 1);
+        let rest: Vec<Counted> = (0..3).map(|_| p.place(0)).collect();
+        assert_eq!(rest.iter().map(|c| c.1).collect::<Vec<_>>(), [1, 0, 1]);
         let loads: Vec<usize> = p.loads.iter().map(|l| l.load(Ordering::Relaxed)).collect();
         assert_eq!(loads, [2, 2]);
         // The least loaded of several.
         let p = placement(&[3, 2, 0, 1]);
-        assert_eq!(p.place(1), 2);
+        let placed = p.place(1);
+        assert_eq!(placed.1, 2);
         assert_eq!(p.loads[2].load(Ordering::Relaxed), 1);
         // Ending a connection uncounts it where it ran.
-        let p = Arc::new(placement(&[1, 0]));
+        let p = placement(&[1, 0]);
         drop(Counted(Arc::clone(&p), 0));
         assert_eq!(p.loads[0].load(Ordering::Relaxed), 0);
+        // Moving a count takes it from one thread to the other.
+        let moved = p.place(0).move_to(1);
+        assert_eq!(moved.1, 1);
+        let loads: Vec<usize> = p.loads.iter().map(|l| l.load(Ordering::Relaxed)).collect();
+        assert_eq!(loads, [0, 1]);
     }
 
     #[test]

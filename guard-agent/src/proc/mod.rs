@@ -8,8 +8,9 @@
 //! identity. A pid verified less than [`REVERIFY_AFTER`] ago is trusted
 //! without reading `/proc` again: the kernel reuses a pid only after handing
 //! out all the others (`pid_max`), which takes far longer. (An exec keeps
-//! pid and start time: like the cache, the window does not notice it.) A process that exited before we looked leaves only what the
-//! kernel recorded (comm, uid); this module never guesses beyond that.
+//! pid and start time: like the cache, the window does not notice it.) A
+//! process that exited before we looked leaves only what the kernel
+//! recorded (comm, uid); this module never guesses beyond that.
 
 use std::{
     collections::HashMap,
@@ -186,12 +187,11 @@ impl ProcCache {
         let Some((start, _)) = stat_fields(pid) else {
             return Arc::new(ProcInfo::default());
         };
-        let hit = self.procs.lock().unwrap().get(&(pid, start)).cloned();
-        let info = match hit {
+        let info = match self.cached(pid, start) {
             Some(hit) => hit,
             None => {
                 let this = Arc::clone(self);
-                match tokio::task::spawn_blocking(move || this.lookup_blocking(pid)).await {
+                match tokio::task::spawn_blocking(move || this.read_and_cache(pid, start)).await {
                     Ok(info) => info,
                     Err(_) => return Arc::new(ProcInfo::default()),
                 }
@@ -209,9 +209,17 @@ impl ProcCache {
         let Some((start, _)) = stat_fields(pid) else {
             return Arc::new(ProcInfo::default());
         };
-        if let Some(hit) = self.procs.lock().unwrap().get(&(pid, start)) {
-            return Arc::clone(hit);
-        }
+        self.cached(pid, start)
+            .unwrap_or_else(|| self.read_and_cache(pid, start))
+    }
+
+    fn cached(&self, pid: u32, start: u64) -> Option<Arc<ProcInfo>> {
+        self.procs.lock().unwrap().get(&(pid, start)).cloned()
+    }
+
+    /// Reads `pid`'s identity from `/proc` (blocking) and caches it under
+    /// the start time its caller read.
+    fn read_and_cache(&self, pid: u32, start: u64) -> Arc<ProcInfo> {
         let info = Arc::new(read_proc(pid));
         self.procs
             .lock()
