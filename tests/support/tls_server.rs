@@ -126,6 +126,21 @@ impl TestCa {
         names: &[&str],
         kind: CertKind,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (cert, key) = self.leaf(names, kind);
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    /// A valid server certificate for `names` and its key, both PEM (for a
+    /// server in another process).
+    pub fn issue_pem(&self, names: &[&str]) -> (String, String) {
+        let (cert, key) = self.leaf(names, CertKind::Valid);
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn leaf(&self, names: &[&str], kind: CertKind) -> (rcgen::Certificate, KeyPair) {
         let names: Vec<String> = match kind {
             CertKind::WrongName => vec!["wrong-name.test".into()],
             _ => names.iter().map(|s| s.to_string()).collect(),
@@ -146,10 +161,7 @@ impl TestCa {
         let key = KeyPair::generate().expect("leaf key");
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).expect("sign leaf");
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
+        (cert, key)
     }
 }
 

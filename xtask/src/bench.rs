@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: L4 passthrough cost, direct vs through Guard, in one
-//! run; then the HTTPS phases of [`crate::bench_https`] (direct vs Guard vs
+//! `cargo xtask bench`: L4 passthrough cost, direct vs through Guard vs a
+//! minimal relay ([`crate::bench_relay`]), in one run; then the HTTPS phases
+//! of [`crate::bench_https`] (direct vs Guard vs a minimal TLS relay vs
 //! mitmproxy) with the same agent. `--only l4|https|dlp` runs one part.
 //!
 //! What runs where:
@@ -28,7 +29,10 @@
 //! 3. **stream**: one connection uploads 2 GiB (or as much as fits in 20 s)
 //!    in 1 MiB writes to a sink that answers with the byte count at EOF;
 //!    MiB/s = bytes / (connect .. count received).
-//! 4. **agent RSS**: `VmRSS` from `/proc/<agent>/status` 1 s after start-up
+//! 4. **CPU per connection** of the agent and of the minimal relay in the
+//!    latency and short-connection phases: the sum of their threads'
+//!    `schedstat` run time over the phase, divided by the connections made.
+//! 5. **agent RSS**: `VmRSS` from `/proc/<agent>/status` 1 s after start-up
 //!    (idle), the highest `VmRSS` sampled every 20 ms while the phases ran,
 //!    and `VmHWM` at the end (and right after start-up, whose own peak,
 //!    loading the kernel programs, it also covers), and `VmRSS` 1 s after
@@ -514,7 +518,7 @@ fn counters(agent: &Agent) -> (u64, u64) {
 }
 
 pub(crate) struct Bench {
-    client_exe: PathBuf,
+    pub(crate) client_exe: PathBuf,
     cgroup: PathBuf,
     pub(crate) agent: Agent,
     /// Connections the agent reported as ending in an error, per phase.
@@ -523,10 +527,25 @@ pub(crate) struct Bench {
 
 impl Bench {
     /// Runs the client once; checks that the agent saw exactly the
-    /// connections it should have.
+    /// connections it should have. Through Guard, the figures include the
+    /// agent's CPU time per operation (`proxy_cpu_us_per_op`).
     pub(crate) fn client(
         &mut self,
         via: Via,
+        mode: &str,
+        addr: SocketAddr,
+        args: &[String],
+    ) -> anyhow::Result<Value> {
+        let proxy = (via == Via::Guard).then(|| self.agent.pid());
+        self.client_through(via, proxy, mode, addr, args)
+    }
+
+    /// [`Self::client`], reporting the CPU time per operation of `proxy`
+    /// (the agent, or a reference relay) when given.
+    pub(crate) fn client_through(
+        &mut self,
+        via: Via,
+        proxy: Option<u32>,
         mode: &str,
         addr: SocketAddr,
         args: &[String],
@@ -541,9 +560,9 @@ impl Bench {
             .args(args);
         let (red0, err0) = counters(&self.agent);
         eprintln!("bench: {mode} {} ...", via.name());
-        let cpu0 = proc_cpu_us(self.agent.pid());
+        let cpu0 = proxy.and_then(proc_cpu_us);
         let out = cmd.output().context("spawn bench-client")?;
-        let cpu1 = proc_cpu_us(self.agent.pid());
+        let cpu1 = proxy.and_then(proc_cpu_us);
         if !out.status.success() {
             bail!(
                 "bench-client {mode} {} failed ({}): {}\nagent log:\n{}",
@@ -556,12 +575,10 @@ impl Bench {
         let line = String::from_utf8_lossy(&out.stdout);
         let mut v: Value = serde_json::from_str(line.trim())
             .with_context(|| format!("bench-client printed {line:?}"))?;
-        // The agent's CPU time per operation the client made (warm-up
+        // The proxy's CPU time per operation the client made (warm-up
         // included): on a shared machine a steadier figure than rates.
-        if let (Via::Guard, Some(c0), Some(c1), Some(ops)) =
-            (via, cpu0, cpu1, v["operations"].as_u64())
-        {
-            v["agent_cpu_us_per_op"] = json!((c1 - c0) / ops.max(1) as f64);
+        if let (Some(c0), Some(c1), Some(ops)) = (cpu0, cpu1, v["operations"].as_u64()) {
+            v["proxy_cpu_us_per_op"] = json!((c1 - c0) / ops.max(1) as f64);
         }
         let conns = v["connections"].as_u64().unwrap_or(0);
         let (red1, err1) = counters(&self.agent);
@@ -593,7 +610,7 @@ impl Bench {
         let direct = self.client(Via::Direct, mode, server()?, args)?;
         let guard = self.client(Via::Guard, mode, server()?, args)?;
         let relay = crate::bench_relay::Relay::start(&self.client_exe, server()?)?;
-        let relay = self.client(Via::Relay, mode, relay.addr, args)?;
+        let relay = self.client_through(Via::Relay, Some(relay.pid()), mode, relay.addr, args)?;
         Ok(Phase {
             direct,
             guard,
@@ -962,9 +979,11 @@ impl Results {
             0,
         );
         m += &format!(
-            "| agent CPU per connection, latency / short connections (µs) | | {:.1} / {:.1} | | | |\n",
-            f(&self.lat.guard, "agent_cpu_us_per_op"),
-            f(&self.rps.guard, "agent_cpu_us_per_op"),
+            "| CPU per connection of the agent / relay, latency / short connections (µs) | | {:.1} / {:.1} | {:.1} / {:.1} | | |\n",
+            f(&self.lat.guard, "proxy_cpu_us_per_op"),
+            f(&self.rps.guard, "proxy_cpu_us_per_op"),
+            f(&self.lat.relay, "proxy_cpu_us_per_op"),
+            f(&self.rps.relay, "proxy_cpu_us_per_op"),
         );
         m += &format!(
             "| agent RSS idle (MiB) | | {:.1} | | | |\n",

@@ -1,5 +1,6 @@
 //! The HTTPS part of `cargo xtask bench`: keep-alive requests and new TLS
-//! connections, direct vs through Guard vs through mitmproxy, in one run.
+//! connections, direct vs through Guard vs a minimal TLS relay vs through
+//! mitmproxy, in one run.
 //!
 //! What runs where:
 //! - the **server** is the tests' TLS server (`guard_harness::tls_server`:
@@ -9,6 +10,13 @@
 //! - **Guard** is the bench's agent (told to trust the test CA upstream with
 //!   `--upstream-root`); the client runs in the bench's monitored cgroup and
 //!   trusts the Guard CA;
+//! - the **minimal TLS relay** ([`crate::bench_tls_relay`]) is a process of
+//!   its own, outside every monitored cgroup, started per phase in front of
+//!   that phase's server: TLS terminated with a leaf from the test CA (the
+//!   client trusts the test CA, as direct), TLS re-originated to the server,
+//!   plaintext copied both ways. It is the floor any TLS-terminating relay
+//!   pays on this machine; the report gives its CPU per operation next to
+//!   the agent's;
 //! - **mitmproxy** is Debian's `mitmdump`, started per phase in reverse-proxy
 //!   mode on 127.0.0.3 (`--mode reverse:https://127.0.0.2:PORT
 //!   --ssl-insecure`), outside every monitored cgroup; the client trusts
@@ -23,10 +31,10 @@
 //! threads: requests/s; (3) new connection per request, sequential: the
 //! time from `connect()` to the end of the response (TCP + full TLS
 //! handshake + one request) and connections/s; (4) the same on 4 threads:
-//! connections/s. For each Guard run the report also gives the agent's CPU
-//! time (user + system, `/proc/<pid>/stat`) per request or per new
-//! connection, warm-up included: on a shared machine a steadier figure than
-//! rates. The upstream legs use each proxy's own defaults (Guard
+//! connections/s. For each Guard and relay run the report also gives the
+//! agent's and the relay's CPU time (their threads' `schedstat` run time)
+//! per request or per new connection, warm-up included: on a shared machine
+//! a steadier figure than rates. The upstream legs use each proxy's own defaults (Guard
 //! keeps TLS sessions to upstreams; mitmproxy's OpenSSL may too): what a
 //! client sees is what is measured.
 //!
@@ -353,10 +361,12 @@ impl Drop for Mitmdump {
 
 // ---------------------------------------------------------------- phases
 
-/// Figures of one phase: direct, Guard, mitmproxy (None: not measured).
+/// Figures of one phase: direct, Guard, the minimal TLS relay, mitmproxy
+/// (None: not measured).
 pub struct Triple {
     pub direct: Value,
     pub guard: Value,
+    pub relay: Value,
     pub mitm: Option<Value>,
 }
 
@@ -376,6 +386,9 @@ struct Setup<'a> {
     ca: &'a TestCa,
     guard_ca: PathBuf,
     mitm_confdir: Option<PathBuf>,
+    /// The minimal TLS relay's certificate and key (PEM files).
+    relay_cert: PathBuf,
+    relay_key: PathBuf,
 }
 
 fn triple(b: &mut Bench, s: &Setup, mode: &str, args: &[String]) -> anyhow::Result<Triple> {
@@ -387,6 +400,32 @@ fn triple(b: &mut Bench, s: &Setup, mode: &str, args: &[String]) -> anyhow::Resu
     let server = || TlsServer::start(external_v4(0), s.ca, CertKind::Valid);
     let direct = b.client(Via::Direct, mode, server().addr, &with_ca(s.ca.pem_path()))?;
     let guard = b.client(Via::Guard, mode, server().addr, &with_ca(&s.guard_ca))?;
+    let relay = {
+        let up = server();
+        let r = crate::bench_relay::Relay::spawn(
+            &b.client_exe,
+            &[
+                "bench-tls-relay".into(),
+                "--to".into(),
+                up.addr.to_string(),
+                "--cert".into(),
+                s.relay_cert.display().to_string(),
+                "--key".into(),
+                s.relay_key.display().to_string(),
+                "--upstream-ca".into(),
+                s.ca.pem_path().display().to_string(),
+                "--upstream-name".into(),
+                SNI.into(),
+            ],
+        )?;
+        b.client_through(
+            Via::Relay,
+            Some(r.pid()),
+            mode,
+            r.addr,
+            &with_ca(s.ca.pem_path()),
+        )?
+    };
     let mitm = match &s.mitm_confdir {
         Some(conf) => {
             let up = server();
@@ -404,6 +443,7 @@ fn triple(b: &mut Bench, s: &Setup, mode: &str, args: &[String]) -> anyhow::Resu
     Ok(Triple {
         direct,
         guard,
+        relay,
         mitm,
     })
 }
@@ -417,10 +457,16 @@ pub fn run(
     quick: bool,
     keepalive_requests: Option<u64>,
 ) -> anyhow::Result<HttpsResults> {
-    let tmp = std::env::temp_dir().join(format!("guard-bench-mitm-{}", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!("guard-bench-https-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let (relay_cert, relay_key) = (tmp.join("relay-cert.pem"), tmp.join("relay-key.pem"));
+    let (cert, key) = ca.issue_pem(&[SNI]);
+    std::fs::write(&relay_cert, cert)?;
+    write_private(&relay_key, key.as_bytes())?;
+    let mitm = tmp.join("mitmproxy");
     let (mitm_confdir, mitm_version) = if Mitmdump::installed() {
-        std::fs::create_dir_all(&tmp)?;
-        (Some(tmp.clone()), Some(Mitmdump::version()))
+        std::fs::create_dir_all(&mitm)?;
+        (Some(mitm), Some(Mitmdump::version()))
     } else {
         eprintln!(
             "bench: mitmproxy: not installed (apt install mitmproxy); its column is left out"
@@ -431,6 +477,8 @@ pub fn run(
         ca,
         guard_ca,
         mitm_confdir,
+        relay_cert,
+        relay_key,
     };
     let (ka_n, ka_warm, hs_n, hs_warm) = if quick {
         (500, 20, 100, 5)
@@ -461,6 +509,18 @@ pub fn run(
     })();
     let _ = std::fs::remove_dir_all(&tmp);
     res
+}
+
+/// Writes a key file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .with_context(|| format!("write {}", path.display()))
 }
 
 // ---------------------------------------------------------------- report
@@ -506,6 +566,7 @@ impl HttpsResults {
         let row = |name: &str, t: &Triple, k: &str, prec: usize| -> String {
             let d = f(&t.direct, k);
             let g = f(&t.guard, k);
+            let r = f(&t.relay, k);
             let (m, gm, md) = match &t.mitm {
                 Some(m) => {
                     let m = f(m, k);
@@ -518,12 +579,13 @@ impl HttpsResults {
                 None => ("-".into(), "-".into(), "-".into()),
             };
             format!(
-                "| {name} | {d:.prec$} | {g:.prec$} | {m} | {:.2}× | {md} | {gm} |\n",
-                g / d
+                "| {name} | {d:.prec$} | {g:.prec$} | {r:.prec$} | {m} | {:.2}× | {:.2}× | {md} | {gm} |\n",
+                g / d,
+                r / d
             )
         };
         let mut m = String::new();
-        m += "# Guard HTTPS: direct vs through Guard vs through mitmproxy\n\n";
+        m += "# Guard HTTPS: direct vs through Guard vs a minimal TLS relay vs through mitmproxy\n\n";
         m += &format!(
             "{} run; {} CPUs; client: sync rustls, HTTP/1.1, TLS session resumption off; server: rustls + hyper, ECDSA P-256; mitmproxy {}.\n\n",
             if self.quick { "Quick (--quick)" } else { "Full" },
@@ -532,8 +594,13 @@ impl HttpsResults {
                 .as_deref()
                 .unwrap_or("not installed (apt install mitmproxy)"),
         );
-        m += "| metric | direct | through Guard | through mitmproxy | Guard/direct | mitmproxy/direct | Guard/mitmproxy |\n";
-        m += "|---|---:|---:|---:|---:|---:|---:|\n";
+        m += "The minimal TLS relay (`xtask bench-tls-relay`, a process of its own) terminates \
+              the client's TLS with one fixed certificate, re-originates TLS to the server and \
+              copies plaintext both ways (tokio-rustls, `copy_bidirectional`): no HTTP, no \
+              inspection, no records. It is the floor any TLS-terminating relay pays on this \
+              machine.\n\n";
+        m += "| metric | direct | through Guard | minimal TLS relay | through mitmproxy | Guard/direct | relay/direct | mitmproxy/direct | Guard/mitmproxy |\n";
+        m += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         m += &row(
             "keep-alive, 1 connection (req/s)",
             &self.keepalive_1,
@@ -577,28 +644,31 @@ impl HttpsResults {
             "per_s",
             0,
         );
+        let added = |v: &Value| f(v, "p50_us") - f(&self.keepalive_1.direct, "p50_us");
         let added_m = self
             .keepalive_1
             .mitm
             .as_ref()
-            .map(|v| {
-                format!(
-                    "{:.1}",
-                    f(v, "p50_us") - f(&self.keepalive_1.direct, "p50_us")
-                )
-            })
+            .map(|v| format!("{:.1}", added(v)))
             .unwrap_or_else(|| "-".into());
         m += &format!(
-            "| added latency per keep-alive request p50 (µs) | | {:.1} | {added_m} | | | |\n",
-            self.added_p50()
+            "| added latency per keep-alive request p50 (µs) | | {:.1} | {:.1} | {added_m} | | | | |\n",
+            self.added_p50(),
+            added(&self.keepalive_1.relay),
         );
+        let cpu = |t: &Triple| {
+            (
+                f(&t.guard, "proxy_cpu_us_per_op"),
+                f(&t.relay, "proxy_cpu_us_per_op"),
+            )
+        };
+        let (g, r) = cpu(&self.keepalive_4);
         m += &format!(
-            "| agent CPU per keep-alive request, 4 connections (µs) | | {:.1} | | | | |\n",
-            f(&self.keepalive_4.guard, "agent_cpu_us_per_op")
+            "| CPU of the agent / relay per keep-alive request, 4 connections (µs) | | {g:.1} | {r:.1} | | | | | |\n"
         );
+        let (g, r) = cpu(&self.handshake_4);
         m += &format!(
-            "| agent CPU per new connection + 1 request, 4 threads (µs) | | {:.1} | | | | |\n\n",
-            f(&self.handshake_4.guard, "agent_cpu_us_per_op")
+            "| CPU of the agent / relay per new connection + 1 request, 4 threads (µs) | | {g:.1} | {r:.1} | | | | | |\n\n"
         );
         if let Some((rss, hwm)) = self.agent_rss_kib {
             m += &format!(
@@ -625,7 +695,7 @@ impl HttpsResults {
     }
 
     pub fn json(&self) -> Value {
-        let t = |t: &Triple| json!({"direct": t.direct, "guard": t.guard, "mitmproxy": t.mitm});
+        let t = |t: &Triple| json!({"direct": t.direct, "guard": t.guard, "tls_relay": t.relay, "mitmproxy": t.mitm});
         json!({
             "quick": self.quick,
             "mitmproxy": self.mitm_version,

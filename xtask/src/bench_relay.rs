@@ -199,11 +199,17 @@ pub struct Relay {
 impl Relay {
     /// Starts `exe bench-relay --to to` and waits for its address.
     pub fn start(exe: &std::path::Path, to: SocketAddr) -> anyhow::Result<Self> {
+        Self::spawn(exe, &["bench-relay".into(), "--to".into(), to.to_string()])
+    }
+
+    /// Starts `exe args…`, a relay that prints the address it listens on as
+    /// its first line, and waits for that line.
+    pub fn spawn(exe: &std::path::Path, args: &[String]) -> anyhow::Result<Self> {
         let mut child = Command::new(exe)
-            .args(["bench-relay", "--to", &to.to_string()])
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
-            .context("spawn bench-relay")?;
+            .with_context(|| format!("spawn {}", args[0]))?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("relay stdout")?)
             .read_line(&mut line)
@@ -212,10 +218,16 @@ impl Relay {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                bail!("bench-relay printed {line:?}, not an address");
+                let _ = child.wait();
+                bail!("{} printed {line:?}, not an address", args[0]);
             }
         };
         Ok(Self { child, addr })
+    }
+
+    /// The relay's process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -15,6 +15,7 @@
 mod bench;
 mod bench_https;
 mod bench_relay;
+mod bench_tls_relay;
 mod demo;
 mod ebpf;
 mod package;
@@ -60,6 +61,9 @@ enum Task {
     /// The L4 bench's reference relay (spawned by `bench`).
     #[command(hide = true)]
     BenchRelay(bench_relay::RelayArgs),
+    /// The HTTPS bench's reference TLS-terminating relay (spawned by `bench`).
+    #[command(hide = true)]
+    BenchTlsRelay(bench_tls_relay::TlsRelayArgs),
 }
 
 /// The workspace root.
@@ -159,6 +163,7 @@ fn main() -> ExitCode {
         Task::Bench(a) => require_root("the benchmark").and_then(|_| bench::run(a)),
         Task::BenchClient(a) => bench::client(a),
         Task::BenchRelay(a) => bench_relay::main(a),
+        Task::BenchTlsRelay(a) => bench_tls_relay::main(a),
         Task::Package => package::run_package(),
     };
     match res {

@@ -1,0 +1,130 @@
+//! The HTTPS bench's reference relay: the least a TLS-terminating relay can
+//! do, measured in the same run as direct and Guard, so that the report
+//! shows how much of Guard's cost per request is terminating and
+//! re-originating TLS on this machine (a second loopback TCP connection,
+//! a third process to wake, every record decrypted and encrypted once
+//! more) and how much is Guard's HTTP pipeline, inspection and records.
+//!
+//! It runs as its own process (`xtask bench-tls-relay`, outside every
+//! monitored cgroup), as the agent does: it binds `127.0.0.2:0`, prints the
+//! address it listens on, and serves until killed. Each connection: a TLS
+//! handshake with the client (one fixed certificate, ALPN http/1.1) while
+//! it connects to `--to` and handshakes there (TLS session resumption on,
+//! as Guard keeps sessions to upstreams), then plaintext copied both ways
+//! with tokio's `copy_bidirectional`. No HTTP parsing, no certificate
+//! minting, no SNI to read, no lookups, no records: a reverse proxy that
+//! knows its one upstream. It must never be used for anything but the
+//! bench: it only connects to 127.0.0.0/8.
+
+use std::{
+    io::{self, Write},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{bail, Context};
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    ClientConfig, RootCertStore, ServerConfig,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Options of the hidden `bench-tls-relay` subcommand.
+#[derive(clap::Args)]
+pub struct TlsRelayArgs {
+    /// Where every accepted connection is carried to; must be in 127.0.0.0/8.
+    #[arg(long)]
+    to: SocketAddr,
+    /// The certificate the relay presents to clients (PEM, a chain).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The CA the upstream's certificate must chain to (PEM).
+    #[arg(long)]
+    upstream_ca: PathBuf,
+    /// The name the upstream's certificate is checked against (SNI).
+    #[arg(long)]
+    upstream_name: String,
+}
+
+/// `xtask bench-tls-relay`: listens, prints the address, relays until
+/// killed.
+pub fn main(a: TlsRelayArgs) -> anyhow::Result<()> {
+    match a.to.ip() {
+        IpAddr::V4(ip) if ip.octets()[0] == 127 => {}
+        other => bail!("bench-tls-relay only connects to 127.0.0.0/8, not {other}"),
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(serve(a))
+}
+
+fn pem_certs(p: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_file_iter(p)
+        .with_context(|| format!("read {}", p.display()))?
+        .map(|c| c.with_context(|| format!("a certificate in {}", p.display())))
+        .collect()
+}
+
+async fn serve(a: TlsRelayArgs) -> anyhow::Result<()> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = PrivateKeyDer::from_pem_file(&a.key)
+        .with_context(|| format!("read the key {}", a.key.display()))?;
+    let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(pem_certs(&a.cert)?, key)?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut roots = RootCertStore::empty();
+    for c in pem_certs(&a.upstream_ca)? {
+        roots.add(c)?;
+    }
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(server));
+    let connector = TlsConnector::from(Arc::new(client));
+    let name = ServerName::try_from(a.upstream_name.clone())?;
+
+    let l = TcpListener::bind("127.0.0.2:0")
+        .await
+        .context("bind the relay on 127.0.0.2")?;
+    println!("{}", l.local_addr()?);
+    io::stdout().flush()?;
+    loop {
+        let (c, _) = l.accept().await?;
+        let (acceptor, connector, name) = (acceptor.clone(), connector.clone(), name.clone());
+        tokio::spawn(async move {
+            // A failed connection is the client's to notice.
+            let _ = carry(c, a.to, acceptor, connector, name).await;
+        });
+    }
+}
+
+/// Terminates the client's TLS, originates TLS to `to`, copies plaintext
+/// both ways until both directions end.
+async fn carry(
+    c: TcpStream,
+    to: SocketAddr,
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+    name: ServerName<'static>,
+) -> io::Result<()> {
+    c.set_nodelay(true)?;
+    let upstream = async {
+        let u = TcpStream::connect(to).await?;
+        u.set_nodelay(true)?;
+        connector.connect(name, u).await
+    };
+    let (mut client, mut upstream) = tokio::try_join!(acceptor.accept(c), upstream)?;
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
