@@ -720,18 +720,37 @@ fn the_store_never_holds_a_planted_secret() {
             &format!("{base}/home"),
         ],
     );
+    // Secrets only their names give away: a header and a JSON field whose
+    // names sound secret (the generic-secret detector), under a rule that
+    // lets the request go as it is.
+    let header_key = "9f8e7d6c5b4a3f2e1d0c";
+    let field_key = "c0d1e2f3a4b5c6d7e8f9";
+    curl_ok(
+        &cg,
+        &[
+            "-H",
+            &format!("X-Api-Key: {header_key}"),
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!(r#"{{"api_key":"{field_key}"}}"#),
+            &format!("{base}/named"),
+        ],
+    );
     let seen = server.requests();
-    assert_eq!(seen.len(), 4);
+    assert_eq!(seen.len(), 5);
     let home = seen.iter().find(|r| r.path == "/home").unwrap();
     assert!(
         !contains(&home.body, GH_TOKEN.as_bytes()),
         "a plaintext Host header made a token go home"
     );
-    agent.wait_events(&["--http"], 4);
+    agent.wait_events(&["--http"], 5);
     let status = agent.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
 
     let planted: Vec<(&str, Vec<u8>)> = vec![
+        ("x-api-key header", header_key.as_bytes().to_vec()),
+        ("api_key field", field_key.as_bytes().to_vec()),
         ("card", CARD.as_bytes().to_vec()),
         ("card digits", CARD_DIGITS.as_bytes().to_vec()),
         ("ssn", SSN.as_bytes().to_vec()),
@@ -747,7 +766,7 @@ fn the_store_never_holds_a_planted_secret() {
     ];
     let store = store_scan::store_plaintext(&agent.state_dir);
     // The search reads what the store holds: the recorded paths are there.
-    for path in ["/all", "/text", "/q", "/home"] {
+    for path in ["/all", "/text", "/q", "/home", "/named"] {
         assert!(
             contains(&store, path.as_bytes()),
             "{path} is not in the store's bytes"
@@ -758,7 +777,15 @@ fn the_store_never_holds_a_planted_secret() {
     }
     // The events are there, just masked.
     let events = guard_harness::events_in(&agent.state_dir, &["--http"]);
-    assert_eq!(events.len(), 4, "{events:#?}");
+    assert_eq!(events.len(), 5, "{events:#?}");
+    let named = find_event(&events, "/named");
+    let found: Vec<&str> = named["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["detector"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, ["generic-secret", "generic-secret"], "{named:#}");
 }
 
 /// "Goes home" trusts only a server name the upstream certificate was

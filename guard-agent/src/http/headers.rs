@@ -49,8 +49,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Headers as an event records them: credential values fingerprinted,
-/// other values with `mask` applied (the caller's DLP masking).
+/// One header as an event records it: a credential value as its keyed
+/// fingerprint; any other value as `masked` (the value with every DLP
+/// finding masked) when something was found, else as it is.
+pub fn record_header(
+    name: &HeaderName,
+    value: &[u8],
+    key: &MaskKey,
+    masked: Option<&[u8]>,
+) -> (String, String) {
+    let v = if CREDENTIAL_HEADERS.contains(name) {
+        fingerprint(key, value)
+    } else {
+        String::from_utf8_lossy(masked.unwrap_or(value)).into_owned()
+    };
+    (name.as_str().to_owned(), v)
+}
+
+/// Headers as an event records them ([`record_header`]); `mask(name,
+/// value)` is the value with every finding masked, `None` when nothing was
+/// found. It is not asked about credential headers.
 pub fn record_headers(
     headers: &HeaderMap,
     key: &MaskKey,
@@ -59,13 +77,12 @@ pub fn record_headers(
     headers
         .iter()
         .map(|(name, value)| {
-            let v = if CREDENTIAL_HEADERS.contains(name) {
-                fingerprint(key, value.as_bytes())
+            let masked = if CREDENTIAL_HEADERS.contains(name) {
+                None
             } else {
-                let masked = mask(name.as_str(), value.as_bytes());
-                String::from_utf8_lossy(masked.as_deref().unwrap_or(value.as_bytes())).into_owned()
+                mask(name.as_str(), value.as_bytes())
             };
-            (name.as_str().to_owned(), v)
+            record_header(name, value.as_bytes(), key, masked.as_deref())
         })
         .collect()
 }

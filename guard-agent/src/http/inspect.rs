@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 
 use http::{request::Parts, HeaderName, HeaderValue};
 
+use super::headers::record_header;
 use crate::{
     dlp::{Engine, Finding, Location, MaskKey},
     store::FindingRecord,
@@ -56,6 +57,9 @@ pub struct RequestInspection {
     pub url: Option<String>,
     /// Masked header values.
     pub headers: Vec<(HeaderName, Vec<u8>)>,
+    /// Every header as the event records it ([`record_header`]): credential
+    /// values fingerprinted, every finding masked whatever the scope.
+    pub header_record: Vec<(String, String)>,
     /// The masked body (same Content-Encoding), if anything was found.
     pub body: Option<Vec<u8>>,
     /// Why the body could not be inspected (unsupported encoding, too large).
@@ -165,6 +169,23 @@ impl Inspector {
         }
         for (name, value) in parts.headers.iter() {
             let i = engine.inspect_header_scoped(name.as_str(), value.as_bytes(), filter);
+            // The record masks every finding: a scoped inspection's masks
+            // may leave some out.
+            let all_masked = match (&i.masked, filter) {
+                (m, None) => m.clone(),
+                (_, Some(_)) if i.findings.is_empty() => None,
+                (_, Some(_)) => {
+                    engine
+                        .inspect_header(name.as_str(), value.as_bytes())
+                        .masked
+                }
+            };
+            out.header_record.push(record_header(
+                name,
+                value.as_bytes(),
+                &self.key,
+                all_masked.as_deref(),
+            ));
             if let Some(m) = i.masked {
                 out.headers.push((name.clone(), m));
             }
@@ -190,10 +211,18 @@ impl Inspector {
         out
     }
 
-    /// Masks every finding in `data` (for excerpts and header values in
+    /// Masks every finding in `data` (for excerpts and other text in
     /// events, whatever the policy said about forwarding).
     pub fn mask_for_record(&self, data: &[u8]) -> Option<Vec<u8>> {
         self.engine.load().scan_text(data).masked
+    }
+
+    /// Masks every finding in a header value for an event, as the request
+    /// inspection finds them: a secret-sounding header name (`X-Api-Key`)
+    /// makes the whole value a candidate, which [`Self::mask_for_record`]
+    /// alone would not see.
+    pub fn mask_header_for_record(&self, name: &str, value: &[u8]) -> Option<Vec<u8>> {
+        self.engine.load().inspect_header(name, value).masked
     }
 
     /// A body excerpt for an event: the first [`EXCERPT_BYTES`], masked. The
@@ -216,6 +245,62 @@ impl Inspector {
             if let Ok(v) = HeaderValue::from_bytes(value) {
                 headers.insert(name.clone(), v);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dlp::DlpSettings;
+
+    fn inspector() -> Arc<Inspector> {
+        let key = MaskKey::new([7; 32]);
+        let engine = Engine::compile(&DlpSettings::default(), key.clone()).unwrap();
+        Inspector::new(engine, key)
+    }
+
+    fn request(headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().uri("/x");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    const NAMED_ONLY: &str = "9f8e7d6c5b4a3f2e1d0c";
+
+    #[test]
+    fn a_secret_only_its_header_name_gives_away_is_masked_in_the_record() {
+        let i = inspector();
+        // Text alone does not look like a secret; the header name does.
+        assert!(i.mask_for_record(NAMED_ONLY.as_bytes()).is_none());
+        let masked = i
+            .mask_header_for_record("x-api-key", NAMED_ONLY.as_bytes())
+            .expect("masked by its name");
+        assert!(!String::from_utf8_lossy(&masked).contains(NAMED_ONLY));
+        assert!(i.mask_header_for_record("accept", b"*/*").is_none());
+    }
+
+    #[test]
+    fn the_header_record_masks_every_finding_whatever_the_scope() {
+        let i = inspector();
+        let parts = request(&[
+            ("x-api-key", NAMED_ONLY),
+            ("authorization", "Bearer hunter2-very-secret"),
+            ("accept", "*/*"),
+        ]);
+        let keep_all = |_: &str, _: bool| false;
+        for scope in [None, Some(&keep_all as MaskScopeFn<'_>)] {
+            let ins = i.inspect_request_scoped(&parts, b"", "api.test", scope);
+            let rec = &ins.header_record;
+            assert_eq!(rec.len(), 3, "{rec:?}");
+            let get = |k: &str| &rec.iter().find(|(n, _)| n == k).unwrap().1;
+            assert!(!get("x-api-key").contains(NAMED_ONLY), "{rec:?}");
+            assert!(get("authorization").starts_with("fp_"), "{rec:?}");
+            assert_eq!(get("accept"), "*/*");
+            // The scope decides what is forwarded masked, not what is recorded.
+            assert_eq!(ins.headers.is_empty(), scope.is_some(), "{:?}", ins.headers);
         }
     }
 }

@@ -270,8 +270,7 @@ async fn handle(
 
     // Record the request as it is known now (masked for the record).
     let key = &ctx.inspector.key;
-    rec.request_headers =
-        record_headers(&parts.headers, key, |_, v| ctx.inspector.mask_for_record(v));
+    rec.request_headers = std::mem::take(&mut inspection.header_record);
     rec.request_bytes = body_bytes.len() as u64;
     if let Some(masked_url) = &inspection.url {
         let (p, q) = masked_url
@@ -474,8 +473,9 @@ async fn handle(
                 .push(task);
         }
     }
-    rec.response_headers =
-        record_headers(resp.headers(), key, |_, v| ctx.inspector.mask_for_record(v));
+    rec.response_headers = record_headers(resp.headers(), key, |n, v| {
+        ctx.inspector.mask_header_for_record(n, v)
+    });
 
     // 7. Respond, recording when the response body ends.
     let (mut rparts, rbody) = resp.into_parts();
