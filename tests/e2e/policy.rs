@@ -737,20 +737,29 @@ fn the_store_never_holds_a_planted_secret() {
             &format!("{base}/named"),
         ],
     );
+    // A secret on the command line of the process that connects, given to
+    // a secret-sounding flag as the next argument.
+    let argv_key = "e8f9a0b1c2d3e4f5a6b7";
+    let py = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=20).read()";
+    run_ok(
+        cg.command("python3")
+            .args(["-c", py, &format!("{base}/argv"), "--api-key", argv_key]),
+    );
     let seen = server.requests();
-    assert_eq!(seen.len(), 5);
+    assert_eq!(seen.len(), 6);
     let home = seen.iter().find(|r| r.path == "/home").unwrap();
     assert!(
         !contains(&home.body, GH_TOKEN.as_bytes()),
         "a plaintext Host header made a token go home"
     );
-    agent.wait_events(&["--http"], 5);
+    agent.wait_events(&["--http"], 6);
     let status = agent.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
 
     let planted: Vec<(&str, Vec<u8>)> = vec![
         ("x-api-key header", header_key.as_bytes().to_vec()),
         ("api_key field", field_key.as_bytes().to_vec()),
+        ("--api-key argument", argv_key.as_bytes().to_vec()),
         ("card", CARD.as_bytes().to_vec()),
         ("card digits", CARD_DIGITS.as_bytes().to_vec()),
         ("ssn", SSN.as_bytes().to_vec()),
@@ -766,7 +775,7 @@ fn the_store_never_holds_a_planted_secret() {
     ];
     let store = store_scan::store_plaintext(&agent.state_dir);
     // The search reads what the store holds: the recorded paths are there.
-    for path in ["/all", "/text", "/q", "/home", "/named"] {
+    for path in ["/all", "/text", "/q", "/home", "/named", "/argv"] {
         assert!(
             contains(&store, path.as_bytes()),
             "{path} is not in the store's bytes"
@@ -777,7 +786,9 @@ fn the_store_never_holds_a_planted_secret() {
     }
     // The events are there, just masked.
     let events = guard_harness::events_in(&agent.state_dir, &["--http"]);
-    assert_eq!(events.len(), 5, "{events:#?}");
+    assert_eq!(events.len(), 6, "{events:#?}");
+    let argv = find_event(&events, "/argv")["cmdline"].as_str().unwrap();
+    assert!(argv.contains("--api-key tok_"), "{argv}");
     let named = find_event(&events, "/named");
     let found: Vec<&str> = named["findings"]
         .as_array()

@@ -355,6 +355,41 @@ impl Engine {
         Inspection { findings, masked }
     }
 
+    /// Inspects a command line (its arguments joined by spaces) as
+    /// [`Engine::scan_text`] does, and also the argument after a flag of its
+    /// own whose name sounds secret (`--api-key VALUE`, `-token VALUE`): that
+    /// value is a generic-secret candidate, as a header value under that
+    /// name is. (`--api-key=VALUE` is already text the scan sees.)
+    pub fn scan_command_line(&self, data: &[u8]) -> Inspection {
+        let mut c = Collector::default();
+        self.collect_text(data, 0, None, &Location::Text, &mut c);
+        let mut words = data
+            .split(|&b| b == b' ')
+            .scan(0, |at, w| {
+                let start = *at;
+                *at += w.len() + 1;
+                Some((start, w))
+            })
+            .filter(|(_, w)| !w.is_empty())
+            .peekable();
+        while let Some((_, flag)) = words.next() {
+            let Some(&(at, value)) = words.peek() else {
+                break;
+            };
+            if flag.first() != Some(&b'-') || flag.contains(&b'=') {
+                continue;
+            }
+            let name = &flag[flag.iter().take_while(|&&b| b == b'-').count()..];
+            if let Ok(name) = std::str::from_utf8(name) {
+                if !name.is_empty() {
+                    self.collect_text(value, at, Some(name), &Location::Text, &mut c);
+                }
+            }
+        }
+        let (findings, masked) = c.finish(data);
+        Inspection { findings, masked }
+    }
+
     /// Inspects one header value; a secret-sounding header name
     /// (`X-Api-Key`) makes the whole value a generic-secret candidate.
     pub fn inspect_header(&self, name: &str, value: &[u8]) -> Inspection {

@@ -732,3 +732,33 @@ fn json_without_raw_hits_gets_the_same_answer_as_the_walk() {
         );
     }
 }
+
+#[test]
+fn a_secret_after_a_secret_sounding_flag_is_masked_in_a_command_line() {
+    let e = engine();
+    let key = "9f8e7d6c5b4a3f2e1d0c";
+    let masked = |t: &str| {
+        e.scan_command_line(t.as_bytes())
+            .masked
+            .map(|m| String::from_utf8(m).unwrap())
+    };
+    for line in [
+        format!("deploy --api-key {key} --verbose"),
+        format!("deploy -token {key}"),
+        format!("deploy --api-key={key}"),
+        format!("env API_KEY={key} ./run"),
+    ] {
+        let m = masked(&line).unwrap_or_else(|| panic!("{line:?} was not masked"));
+        assert!(!m.contains(key), "{m}");
+        assert!(m.starts_with("deploy ") || m.starts_with("env "), "{m}");
+    }
+    // Text alone does not look like a secret: only the flag's name makes it one.
+    assert!(e
+        .scan_text(format!("deploy --api-key {key}").as_bytes())
+        .masked
+        .is_none());
+    // Ordinary flags and their values are left alone.
+    assert_eq!(masked("cp --target-directory /tmp/out a.txt"), None);
+    assert_eq!(masked("git commit -m fix --author ada"), None);
+    assert_eq!(masked("--api-key"), None);
+}

@@ -217,6 +217,13 @@ impl Inspector {
         self.engine.load().scan_text(data).masked
     }
 
+    /// Masks every finding in a command line for an event, a secret given
+    /// to a secret-sounding flag as the next argument included
+    /// ([`Engine::scan_command_line`]).
+    pub fn mask_command_line_for_record(&self, cmdline: &[u8]) -> Option<Vec<u8>> {
+        self.engine.load().scan_command_line(cmdline).masked
+    }
+
     /// Masks every finding in a header value for an event, as the request
     /// inspection finds them: a secret-sounding header name (`X-Api-Key`)
     /// makes the whole value a candidate, which [`Self::mask_for_record`]

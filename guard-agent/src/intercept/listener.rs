@@ -239,7 +239,7 @@ pub fn attribute(
     ev.cmdline = info
         .masked_cmdline(|c| {
             inspector
-                .mask_for_record(c.as_bytes())
+                .mask_command_line_for_record(c.as_bytes())
                 .map(|m| String::from_utf8_lossy(&m).into_owned())
         })
         .map(str::to_owned);
