@@ -72,10 +72,20 @@ const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
-fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+/// The certificates in a PEM file.
+pub(crate) fn pem_certs(p: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_file_iter(p)
+        .with_context(|| format!("read {}", p.display()))?
+        .map(|c| c.with_context(|| format!("a certificate in {}", p.display())))
+        .collect()
+}
+
+/// A TLS client that trusts the CA in `ca` (PEM) and offers ALPN
+/// http/1.1: the bench client's, and the minimal TLS relay's upstream leg.
+pub(crate) fn http1_client_config(ca: &Path) -> anyhow::Result<ClientConfig> {
     let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("read {}", ca.display()))? {
-        roots.add(c.with_context(|| format!("a certificate in {}", ca.display()))?)?;
+    for c in pem_certs(ca)? {
+        roots.add(c)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -83,6 +93,11 @@ fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut cfg = http1_client_config(ca)?;
     // Every new connection is a full handshake.
     cfg.resumption = Resumption::disabled();
     Ok(Arc::new(cfg))
@@ -402,21 +417,12 @@ fn triple(b: &mut Bench, s: &Setup, mode: &str, args: &[String]) -> anyhow::Resu
     let guard = b.client(Via::Guard, mode, server().addr, &with_ca(&s.guard_ca))?;
     let relay = {
         let up = server();
-        let r = crate::bench_relay::Relay::spawn(
+        let r = crate::bench_tls_relay::start(
             &b.client_exe,
-            &[
-                "bench-tls-relay".into(),
-                "--to".into(),
-                up.addr.to_string(),
-                "--cert".into(),
-                s.relay_cert.display().to_string(),
-                "--key".into(),
-                s.relay_key.display().to_string(),
-                "--upstream-ca".into(),
-                s.ca.pem_path().display().to_string(),
-                "--upstream-name".into(),
-                SNI.into(),
-            ],
+            up.addr,
+            (&s.relay_cert, &s.relay_key),
+            s.ca.pem_path(),
+            SNI,
         )?;
         b.client_through(
             Via::Relay,

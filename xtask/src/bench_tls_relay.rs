@@ -25,11 +25,16 @@ use std::{
 
 use anyhow::{bail, Context};
 use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
-    ClientConfig, RootCertStore, ServerConfig,
+    pki_types::{pem::PemObject, PrivateKeyDer, ServerName},
+    ServerConfig,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::{
+    bench_https::{http1_client_config, pem_certs},
+    bench_relay::Relay,
+};
 
 /// Options of the hidden `bench-tls-relay` subcommand.
 #[derive(clap::Args)]
@@ -65,33 +70,46 @@ pub fn main(a: TlsRelayArgs) -> anyhow::Result<()> {
         .block_on(serve(a))
 }
 
-fn pem_certs(p: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    CertificateDer::pem_file_iter(p)
-        .with_context(|| format!("read {}", p.display()))?
-        .map(|c| c.with_context(|| format!("a certificate in {}", p.display())))
-        .collect()
+/// Starts `exe bench-tls-relay` in front of `to`, presenting `cert_key`
+/// (PEM files) and checking the upstream against `upstream_ca` for
+/// `upstream_name`; waits for its address.
+pub fn start(
+    exe: &Path,
+    to: SocketAddr,
+    (cert, key): (&Path, &Path),
+    upstream_ca: &Path,
+    upstream_name: &str,
+) -> anyhow::Result<Relay> {
+    let path = |p: &Path| p.display().to_string();
+    Relay::spawn(
+        exe,
+        &[
+            "bench-tls-relay".into(),
+            "--to".into(),
+            to.to_string(),
+            "--cert".into(),
+            path(cert),
+            "--key".into(),
+            path(key),
+            "--upstream-ca".into(),
+            path(upstream_ca),
+            "--upstream-name".into(),
+            upstream_name.into(),
+        ],
+    )
 }
 
 async fn serve(a: TlsRelayArgs) -> anyhow::Result<()> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let key = PrivateKeyDer::from_pem_file(&a.key)
         .with_context(|| format!("read the key {}", a.key.display()))?;
-    let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+    let mut server = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(pem_certs(&a.cert)?, key)?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let mut roots = RootCertStore::empty();
-    for c in pem_certs(&a.upstream_ca)? {
-        roots.add(c)?;
-    }
-    let mut client = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(server));
-    let connector = TlsConnector::from(Arc::new(client));
+    let connector = TlsConnector::from(Arc::new(http1_client_config(&a.upstream_ca)?));
     let name = ServerName::try_from(a.upstream_name.clone())?;
 
     let l = TcpListener::bind("127.0.0.2:0")

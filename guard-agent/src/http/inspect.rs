@@ -171,21 +171,17 @@ impl Inspector {
             let i = engine.inspect_header_scoped(name.as_str(), value.as_bytes(), filter);
             // The record masks every finding: a scoped inspection's masks
             // may leave some out.
-            let all_masked = match (&i.masked, filter) {
-                (m, None) => m.clone(),
-                (_, Some(_)) if i.findings.is_empty() => None,
-                (_, Some(_)) => {
-                    engine
-                        .inspect_header(name.as_str(), value.as_bytes())
-                        .masked
+            let rescanned;
+            let all_masked = match filter {
+                None => i.masked.as_deref(),
+                Some(_) if i.findings.is_empty() => None,
+                Some(_) => {
+                    rescanned = engine.inspect_header(name.as_str(), value.as_bytes());
+                    rescanned.masked.as_deref()
                 }
             };
-            out.header_record.push(record_header(
-                name,
-                value.as_bytes(),
-                &self.key,
-                all_masked.as_deref(),
-            ));
+            out.header_record
+                .push(record_header(name, value.as_bytes(), &self.key, all_masked));
             if let Some(m) = i.masked {
                 out.headers.push((name.clone(), m));
             }
