@@ -658,8 +658,34 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         }
     });
     // Start-up's freed buffers stay mapped under the body-buffer trim
-    // threshold (see `allocator`): give them back once, now.
+    // threshold (see `allocator`): give them back once, now, and what a
+    // busy period freed once it is over.
     crate::allocator::return_free_memory();
+    let trim_store = store.clone();
+    let mut trim_stop = stop_rx.clone();
+    let trim_task = tokio::spawn(async move {
+        let mut quiet = crate::allocator::QuietTrim::new(trim_store.written());
+        let mut tick = tokio::time::interval(crate::allocator::QUIET_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => if quiet.check(trim_store.written()) {
+                    let _ = tokio::task::spawn_blocking(|| {
+                        let before = crate::allocator::rss_kib();
+                        crate::allocator::return_free_memory();
+                        tracing::debug!(
+                            before_kib = before,
+                            after_kib = crate::allocator::rss_kib(),
+                            "quiet: returned free memory"
+                        );
+                    })
+                    .await;
+                },
+                _ = trim_stop.changed() => break,
+            }
+        }
+    });
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "guard-agent is running");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("signal handler");
@@ -729,6 +755,7 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         let _ = t.await;
     }
     let _ = heartbeat_task.await;
+    let _ = trim_task.await;
     // Connection tasks hold sink clones; give stopped ones a moment to record.
     let drain_deadline = Instant::now() + Duration::from_secs(2);
     while Arc::strong_count(&intercept) > 1 && Instant::now() < drain_deadline {

@@ -395,7 +395,15 @@ pub struct HttpsResults {
     /// The agent's RSS and VmHWM (KiB) at the end: after every request of
     /// the run was recorded in its store.
     pub agent_rss_kib: Option<(u64, u64)>,
+    /// The agent's RSS (KiB) after [`QUIET_WAIT`] with no traffic: what it
+    /// keeps once a busy period is over.
+    pub agent_rss_quiet_kib: Option<u64>,
 }
+
+/// How long the bench leaves the agent idle before reading its RSS again:
+/// two of the agent's quiet checks (`allocator::QUIET_CHECK`, 10 s) and
+/// some slack, so that it has seen one quiet window and trimmed.
+const QUIET_WAIT: Duration = Duration::from_secs(22);
 
 struct Setup<'a> {
     ca: &'a TestCa,
@@ -511,6 +519,11 @@ pub fn run(
             handshake_1: triple(b, &s, "https-handshake", &a(hs_n, hs_warm, 1))?,
             handshake_4: triple(b, &s, "https-handshake", &a(hs_n, hs_warm, 4))?,
             agent_rss_kib: proc_kib(b.agent.pid(), "VmRSS").zip(proc_kib(b.agent.pid(), "VmHWM")),
+            agent_rss_quiet_kib: {
+                eprintln!("bench: agent idle for {} s ...", QUIET_WAIT.as_secs());
+                thread::sleep(QUIET_WAIT);
+                proc_kib(b.agent.pid(), "VmRSS")
+            },
         })
     })();
     let _ = std::fs::remove_dir_all(&tmp);
@@ -678,9 +691,13 @@ impl HttpsResults {
         );
         if let Some((rss, hwm)) = self.agent_rss_kib {
             m += &format!(
-                "Agent RSS at the end of the run: {:.1} MiB (VmHWM {:.1} MiB).\n\n",
+                "Agent RSS at the end of the run: {:.1} MiB (VmHWM {:.1} MiB); after {} s without traffic: {}.\n\n",
                 rss as f64 / 1024.0,
-                hwm as f64 / 1024.0
+                hwm as f64 / 1024.0,
+                QUIET_WAIT.as_secs(),
+                self.agent_rss_quiet_kib
+                    .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                    .unwrap_or_else(|| "-".into()),
             );
         }
         m += "| target | measured | result |\n|---|---:|:---:|\n";
@@ -709,7 +726,7 @@ impl HttpsResults {
             "keepalive_4": t(&self.keepalive_4),
             "handshake_1": t(&self.handshake_1),
             "handshake_4": t(&self.handshake_4),
-            "agent_rss_kib": self.agent_rss_kib.map(|(rss, hwm)| json!({"rss": rss, "hwm": hwm})),
+            "agent_rss_kib": self.agent_rss_kib.map(|(rss, hwm)| json!({"rss": rss, "hwm": hwm, "quiet": self.agent_rss_quiet_kib})),
             "targets": self.targets().iter().map(|(name, got, ok)| json!({
                 "target": name, "measured": got, "pass": ok,
             })).collect::<Vec<_>>(),

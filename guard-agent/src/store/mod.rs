@@ -75,6 +75,8 @@ pub struct EventStore {
     bytes: Arc<AtomicU64>,
     /// Number of stored events.
     count: Arc<AtomicU64>,
+    /// Events written since the store was opened (never goes down).
+    written: Arc<AtomicU64>,
     /// Held while ids are handed out, so that a write batch's fresh ids are
     /// one contiguous run that no reserved id falls into.
     ids: Arc<Mutex<()>>,
@@ -114,6 +116,7 @@ impl EventStore {
             chunks,
             bytes: Arc::new(AtomicU64::new(bytes)),
             count: Arc::new(AtomicU64::new(count)),
+            written: Arc::new(AtomicU64::new(0)),
             ids: Arc::new(Mutex::new(())),
         })
     }
@@ -138,6 +141,8 @@ impl EventStore {
         let added = insert_chunks(&self.chunks, values)?;
         self.bytes.fetch_add(added, Ordering::Relaxed);
         self.count.fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.written
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -230,6 +235,12 @@ impl EventStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Events written since the store was opened: a measure of activity
+    /// that retention does not lower.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Stored size of the events in bytes (compressed chunks and keys).
@@ -515,6 +526,8 @@ mod tests {
         };
         assert_eq!(s.apply_retention(&r, OffsetDateTime::now_utc()).unwrap(), 1);
         assert_eq!(s.len(), 2);
+        // The activity count is what was written, whatever retention removed.
+        assert_eq!(s.written(), 4);
     }
 
     #[test]
