@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// cost of writing into a store that keeps growing.
     #[arg(long)]
     keepalive_requests: Option<u64>,
+    /// Timed HTTPS new connections per phase (default: 1000, 100 with
+    /// --quick). More gives a handshake phase long enough to profile.
+    #[arg(long)]
+    handshakes: Option<u64>,
 }
 
 /// The parts of the bench.
@@ -698,7 +702,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         )?;
     }
     if wants(Part::Https) {
-        let https = crate::bench_https::run(&mut b, &ca, guard_ca, a.quick, a.keepalive_requests)?;
+        let https = crate::bench_https::run(
+            &mut b,
+            &ca,
+            guard_ca,
+            a.quick,
+            a.keepalive_requests,
+            a.handshakes,
+        )?;
         let md = https.markdown();
         print!("{md}");
         write(&out_dir.join("https.md"), md.as_bytes())?;

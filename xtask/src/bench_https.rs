@@ -470,6 +470,7 @@ pub fn run(
     guard_ca: PathBuf,
     quick: bool,
     keepalive_requests: Option<u64>,
+    handshakes: Option<u64>,
 ) -> anyhow::Result<HttpsResults> {
     let tmp = std::env::temp_dir().join(format!("guard-bench-https-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -500,6 +501,7 @@ pub fn run(
         (5000, 200, 1000, 20)
     };
     let ka_n = keepalive_requests.unwrap_or(ka_n);
+    let hs_n = handshakes.unwrap_or(hs_n);
     let a = |n: u64, warm: u64, threads: u64| -> Vec<String> {
         vec![
             "--n".into(),
