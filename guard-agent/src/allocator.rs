@@ -122,13 +122,33 @@ impl QuietTrim {
     }
 }
 
-/// The process's resident set in KiB (`/proc/self/statm`), for the log.
-pub fn rss_kib() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf only reads a system constant.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()? / 1024)
+/// The process's memory as the kernel counts it, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resident {
+    /// Resident now (`VmRSS`).
+    pub now_kib: u64,
+    /// The highest it has been (`VmHWM`).
+    pub peak_kib: u64,
+}
+
+/// Reads [`Resident`] from `/proc/self/status` (for the log, `status` and
+/// the metrics).
+pub fn resident() -> Option<Resident> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim_start_matches(':')
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(Resident {
+        now_kib: field("VmRSS")?,
+        peak_kib: field("VmHWM")?,
+    })
 }
 
 #[cfg(test)]
@@ -160,8 +180,8 @@ mod tests {
 
     #[test]
     fn the_resident_set_is_read() {
-        let kib = rss_kib().expect("/proc/self/statm");
-        assert!(kib > 0);
+        let r = resident().expect("/proc/self/status");
+        assert!(r.now_kib > 0 && r.peak_kib >= r.now_kib, "{r:?}");
     }
 
     #[test]

@@ -672,11 +672,12 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
             tokio::select! {
                 _ = tick.tick() => if quiet.check(trim_store.written()) {
                     let _ = tokio::task::spawn_blocking(|| {
-                        let before = crate::allocator::rss_kib();
+                        let kib = || crate::allocator::resident().map(|r| r.now_kib);
+                        let before = kib();
                         crate::allocator::return_free_memory();
                         tracing::debug!(
                             before_kib = before,
-                            after_kib = crate::allocator::rss_kib(),
+                            after_kib = kib(),
                             "quiet: returned free memory"
                         );
                     })

@@ -102,6 +102,17 @@ impl Collector for LiveCounters {
             None,
             g.metric_type(),
         )?)?;
+        // The name every Prometheus process collector uses, so existing
+        // dashboards and alerts find it.
+        if let Some(m) = crate::allocator::resident() {
+            let g = ConstGauge::new(m.now_kib as i64 * 1024);
+            g.encode(encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory of the agent",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
         Ok(())
     }
 }

@@ -323,6 +323,11 @@ EOF
     assert_eq!(st["retention_max_bytes"], 1u64 << 30);
     assert_eq!(st["retention_max_age_secs"], 30 * 24 * 3600);
     assert_eq!(st["metrics"], format!("127.0.0.1:{metrics_port}"));
+    let (now, peak) = (st["memory_kib"].as_u64(), st["memory_peak_kib"].as_u64());
+    assert!(
+        matches!((now, peak), (Some(n), Some(p)) if n > 0 && p >= n),
+        "{st:#}"
+    );
 
     // Prometheus, scraped with curl (from outside the monitored cgroup).
     let scrape = run_ok(Command::new("curl").args([
@@ -333,6 +338,10 @@ EOF
     let m = String::from_utf8(scrape.stdout).unwrap();
     assert!(
         sample(&m, "guard_connections_accepted_total").unwrap_or(0.0) >= 3.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "process_resident_memory_bytes").unwrap_or(0.0) > 1e6,
         "{m}"
     );
     assert_eq!(

@@ -366,6 +366,7 @@ fn status(state: &AdminState) -> Status {
     let mut listen = Vec::new();
     listen.extend(c.listen_v4.map(|a| a.to_string()));
     listen.extend(c.listen_v6.map(|a| a.to_string()));
+    let memory = crate::allocator::resident();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
@@ -382,6 +383,8 @@ fn status(state: &AdminState) -> Status {
         store_bytes: state.store.bytes(),
         store_size_on_disk: state.store.size_on_disk(),
         state_dir: c.state_dir.clone(),
+        memory_kib: memory.map(|m| m.now_kib),
+        memory_peak_kib: memory.map(|m| m.peak_kib),
         resolver: state.resolver.as_ref().map(|r| r.snapshot()),
         policy: Some(state.policy_version.current()),
         retention_max_age_secs: c.retention.max_age.as_secs(),

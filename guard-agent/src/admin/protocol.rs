@@ -100,6 +100,11 @@ pub struct Status {
     pub store_bytes: u64,
     pub store_size_on_disk: u64,
     pub state_dir: PathBuf,
+    /// The agent's resident memory now and at its highest (KiB).
+    #[serde(default)]
+    pub memory_kib: Option<u64>,
+    #[serde(default)]
+    pub memory_peak_kib: Option<u64>,
     /// The DNS resolver: up, where it listens, where it forwards; `None`
     /// when DNS is turned off.
     #[serde(default)]

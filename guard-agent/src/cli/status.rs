@@ -98,6 +98,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.store_size_on_disk,
         s.state_dir.display()
     );
+    if let (Some(now), Some(peak)) = (s.memory_kib, s.memory_peak_kib) {
+        println!(
+            "memory:      {:.1} MiB resident, {:.1} MiB at the most",
+            now as f64 / 1024.0,
+            peak as f64 / 1024.0
+        );
+    }
     println!(
         "retention:   {} or {} bytes, whichever comes first",
         humantime::format_duration(std::time::Duration::from_secs(s.retention_max_age_secs)),
