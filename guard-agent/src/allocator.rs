@@ -122,6 +122,39 @@ impl QuietTrim {
     }
 }
 
+/// Returns free memory whenever [`QuietTrim`] says so, checking every
+/// [`QUIET_CHECK`] on `activity` (events written so far), until `stop`
+/// turns true. The trim runs on the blocking pool: it walks every arena.
+pub async fn trim_when_quiet(
+    activity: impl Fn() -> u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut quiet = QuietTrim::new(activity());
+    let mut tick = tokio::time::interval(QUIET_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !quiet.check(activity()) {
+            continue;
+        }
+        let _ = tokio::task::spawn_blocking(|| {
+            let kib = || resident().map(|r| r.now_kib);
+            let before = kib();
+            return_free_memory();
+            tracing::debug!(
+                before_kib = before,
+                after_kib = kib(),
+                "quiet: returned free memory"
+            );
+        })
+        .await;
+    }
+}
+
 /// The process's memory as the kernel counts it, in KiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resident {
@@ -138,8 +171,7 @@ pub fn resident() -> Option<Resident> {
     let field = |name: &str| -> Option<u64> {
         status
             .lines()
-            .find_map(|l| l.strip_prefix(name))?
-            .trim_start_matches(':')
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
             .split_whitespace()
             .next()?
             .parse()

@@ -662,31 +662,10 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     // busy period freed once it is over.
     crate::allocator::return_free_memory();
     let trim_store = store.clone();
-    let mut trim_stop = stop_rx.clone();
-    let trim_task = tokio::spawn(async move {
-        let mut quiet = crate::allocator::QuietTrim::new(trim_store.written());
-        let mut tick = tokio::time::interval(crate::allocator::QUIET_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => if quiet.check(trim_store.written()) {
-                    let _ = tokio::task::spawn_blocking(|| {
-                        let kib = || crate::allocator::resident().map(|r| r.now_kib);
-                        let before = kib();
-                        crate::allocator::return_free_memory();
-                        tracing::debug!(
-                            before_kib = before,
-                            after_kib = kib(),
-                            "quiet: returned free memory"
-                        );
-                    })
-                    .await;
-                },
-                _ = trim_stop.changed() => break,
-            }
-        }
-    });
+    let trim_task = tokio::spawn(crate::allocator::trim_when_quiet(
+        move || trim_store.written(),
+        stop_rx.clone(),
+    ));
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "guard-agent is running");
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("signal handler");
