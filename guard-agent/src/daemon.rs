@@ -395,6 +395,8 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(StartError::NotRoot);
     }
+    // Before anything is opened: each connection holds up to six.
+    crate::limits::raise_open_files_and_report();
     let mount = cgroup::cgroup2_mount()?;
     // Named scopes (units, user.slice, users, the host) become cgroups and uids.
     let scope = crate::scope::resolve(&mount, &cfg.scope, !cfg.cgroups.is_empty())?;

@@ -19,6 +19,7 @@ pub mod handover;
 pub mod http;
 pub mod install;
 pub mod intercept;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -113,6 +113,23 @@ impl Collector for LiveCounters {
                 g.metric_type(),
             )?)?;
         }
+        if let Some(d) = crate::limits::descriptors() {
+            for (name, help, v) in [
+                (
+                    "process_open_fds",
+                    "Open file descriptors of the agent",
+                    d.open,
+                ),
+                (
+                    "process_max_fds",
+                    "The agent's open-file (soft) limit",
+                    d.limit,
+                ),
+            ] {
+                let g = ConstGauge::new(v as i64);
+                g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -430,6 +430,69 @@ print(h.hexdigest(), n)
 }
 
 #[test]
+fn an_agent_started_with_a_low_open_file_limit_raises_it_and_serves_two_hundred_open_connections() {
+    require_root();
+    let echo = EchoServer::start(external_v4(0));
+    let cg = TestCgroup::new("nofile");
+    // A soft limit of 256 holds ~40 spliced connections (six descriptors
+    // each); systemd's 1024 holds ~170. The agent raises it to the hard one.
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into()],
+        open_files: Some((256, 4096)),
+        ..Default::default()
+    });
+    let st: Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["fds_limit"], 4096, "{st:#}");
+    assert!(st["fds_open"].as_u64().is_some_and(|n| n > 0), "{st:#}");
+    let text = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains(" open of 4096 allowed"), "{text}");
+
+    // All 200 connections are open in the agent at once: each client
+    // connects and sends, then waits for the others before it half-closes.
+    let overlapping = format!(
+        r#"
+import socket, threading, os, hashlib
+n = 200
+ready = threading.Barrier(n, timeout=60)
+ok = []
+def client(i):
+    data = os.urandom(65536)
+    s = socket.create_connection(("127.0.0.2", {port}), timeout=60)
+    s.sendall(data)
+    ready.wait()
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        got += b
+    ok.append(hashlib.sha256(got).digest() == hashlib.sha256(data).digest())
+ts = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(sum(ok), len(ok))
+"#,
+        port = echo.addr.port()
+    );
+    let out = run_ok(cg.command("python3").args(["-c", &overlapping]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200 200");
+    let events = agent.wait_events(
+        &["--kind", "connection", "--dest", &echo.addr.to_string()],
+        200,
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["verdict"] == "allow" && e["error"].is_null() && e["bytes_in"] == 65536),
+        "{:#?}",
+        events
+            .iter()
+            .find(|e| e["verdict"] != "allow" || !e["error"].is_null())
+    );
+}
+
+#[test]
 fn sigterm_detaches_and_a_restart_keeps_the_old_events() {
     require_root();
     let server = HttpServer::start(external_v4(0), "ok");

@@ -344,6 +344,13 @@ EOF
         sample(&m, "process_resident_memory_bytes").unwrap_or(0.0) > 1e6,
         "{m}"
     );
+    // Descriptors: some open, and the limit the agent raised itself to.
+    assert!(sample(&m, "process_open_fds").unwrap_or(0.0) > 0.0, "{m}");
+    assert_eq!(
+        sample(&m, "process_max_fds"),
+        st["fds_limit"].as_u64().map(|l| l as f64),
+        "{m}"
+    );
     assert_eq!(
         sample(&m, "guard_http_requests_total{verdict=\"block\"}"),
         Some(1.0),

@@ -196,6 +196,9 @@ pub struct AgentOptions {
     /// A cgroup to start the agent process itself in.
     pub agent_cgroup: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// Start the agent with these (soft, hard) open-file limits, as
+    /// systemd starts services with a soft limit of 1024.
+    pub open_files: Option<(u64, u64)>,
 }
 
 /// A running agent; stopped with SIGTERM on drop.
@@ -265,6 +268,21 @@ impl Agent {
         }
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some((soft, hard)) = opts.open_files {
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let logf = std::fs::File::create(&log).unwrap();
         cmd.stdout(Stdio::null()).stderr(logf);

@@ -367,6 +367,7 @@ fn status(state: &AdminState) -> Status {
     listen.extend(c.listen_v4.map(|a| a.to_string()));
     listen.extend(c.listen_v6.map(|a| a.to_string()));
     let memory = crate::allocator::resident();
+    let fds = crate::limits::descriptors();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
@@ -385,6 +386,8 @@ fn status(state: &AdminState) -> Status {
         state_dir: c.state_dir.clone(),
         memory_kib: memory.map(|m| m.now_kib),
         memory_peak_kib: memory.map(|m| m.peak_kib),
+        fds_open: fds.map(|d| d.open),
+        fds_limit: fds.map(|d| d.limit),
         resolver: state.resolver.as_ref().map(|r| r.snapshot()),
         policy: Some(state.policy_version.current()),
         retention_max_age_secs: c.retention.max_age.as_secs(),

@@ -105,6 +105,11 @@ pub struct Status {
     pub memory_kib: Option<u64>,
     #[serde(default)]
     pub memory_peak_kib: Option<u64>,
+    /// Descriptors the agent holds, and its open-file (soft) limit.
+    #[serde(default)]
+    pub fds_open: Option<u64>,
+    #[serde(default)]
+    pub fds_limit: Option<u64>,
     /// The DNS resolver: up, where it listens, where it forwards; `None`
     /// when DNS is turned off.
     #[serde(default)]

@@ -105,6 +105,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             peak as f64 / 1024.0
         );
     }
+    if let (Some(open), Some(limit)) = (s.fds_open, s.fds_limit) {
+        println!("files:       {open} open of {limit} allowed");
+    }
     println!(
         "retention:   {} or {} bytes, whichever comes first",
         humantime::format_duration(std::time::Duration::from_secs(s.retention_max_age_secs)),
