@@ -8,8 +8,13 @@
 //! `LimitNOFILE=`) is for a program that needs more to raise its soft
 //! limit to the hard one itself, which [`raise_open_files`] does at start.
 //!
-//! This module must never lower a limit, and never fail the start: an
-//! agent with few descriptors still serves, with a warning that says so.
+//! Programs the agent starts (approval hooks) get the limit it started
+//! with back ([`start_with_original_limit`]), as systemd.exec(5) asks:
+//! some still use `select()`, which breaks on descriptors above 1024.
+//!
+//! This module must never lower the agent's own limit, and never fail the
+//! start: an agent with few descriptors still serves, with a warning that
+//! says so.
 
 use std::io;
 
@@ -35,9 +40,13 @@ fn get() -> io::Result<libc::rlimit> {
     Ok(lim)
 }
 
+/// The limit before the first raise, for child processes.
+static ORIGINAL: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
 /// Raises the soft open-file limit to the hard limit.
 pub fn raise_open_files() -> io::Result<Raised> {
     let lim = get()?;
+    ORIGINAL.get_or_init(|| lim);
     let before = lim.rlim_cur;
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
@@ -68,6 +77,26 @@ pub fn raise_open_files_and_report() {
         }
         Ok(r) => tracing::debug!(limit = r.now, "open-file limit"),
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+/// Makes `cmd`'s process start with the open-file limit the agent was
+/// started with, not the raised one.
+pub fn start_with_original_limit(cmd: &mut tokio::process::Command) {
+    if let Some(original) = ORIGINAL.get().copied() {
+        start_with_limit(cmd, original);
+    }
+}
+
+fn start_with_limit(cmd: &mut tokio::process::Command, limit: libc::rlimit) {
+    // SAFETY: setrlimit is async-signal-safe; limit is plain data.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -108,6 +137,24 @@ mod tests {
         assert!(after.rlim_cur >= before.rlim_cur);
         // Again: nothing left to raise.
         assert_eq!(raise_open_files().unwrap().before, after.rlim_cur);
+    }
+
+    #[tokio::test]
+    async fn a_child_starts_with_the_limit_it_is_given_not_the_agents() {
+        let hard = get().unwrap().rlim_max;
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "ulimit -Sn"]);
+        start_with_limit(
+            &mut cmd,
+            libc::rlimit {
+                rlim_cur: 777,
+                rlim_max: hard,
+            },
+        );
+        let out = cmd.output().await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "777");
+        // The agent's own limit did not move.
+        assert_ne!(get().unwrap().rlim_cur, 777);
     }
 
     #[test]

@@ -115,7 +115,9 @@ impl Notifier {
         let argv = &self.settings.command;
         let (approve, deny) = self.commands(s.id);
         let json = serde_json::to_vec(s).map_err(|e| e.to_string())?;
-        let mut child = tokio::process::Command::new(&argv[0])
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        crate::limits::start_with_original_limit(&mut cmd);
+        let mut child = cmd
             .args(&argv[1..])
             .env("GUARD_HOLD_ID", s.id.to_string())
             .env("GUARD_HOLD_SUMMARY", self.text(s))
