@@ -333,6 +333,36 @@ fn an_upstream_that_refuses_gives_the_client_a_reset_and_an_error_event() {
     assert_eq!(str_field(&ev[0], "dst"), format!("127.0.0.2:{port}"));
 }
 
+/// A python3 script: `n` clients of the echo server on 127.0.0.2:`port`,
+/// all connected at once (each sends 64 KiB, then waits for the others
+/// before it half-closes and reads the echo); prints "<intact> <n>".
+fn echo_clients_all_open_at_once(port: u16, n: usize) -> String {
+    format!(
+        r#"
+import socket, threading, os, hashlib
+n = {n}
+ready = threading.Barrier(n, timeout=60)
+ok = []
+def client(i):
+    data = b"ping" + os.urandom(65532)
+    s = socket.create_connection(("127.0.0.2", {port}), timeout=60)
+    s.sendall(data)
+    ready.wait()
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        got += b
+    ok.append(hashlib.sha256(got).digest() == hashlib.sha256(data).digest())
+ts = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(sum(ok), len(ok))
+"#
+    )
+}
+
 #[test]
 fn two_hundred_concurrent_clients_and_a_one_gib_stream_arrive_intact() {
     require_root();
@@ -343,28 +373,7 @@ fn two_hundred_concurrent_clients_and_a_one_gib_stream_arrive_intact() {
     let cg = TestCgroup::new("load");
     let agent = agent_for(&cg, &["127.0.0.2/32"]);
 
-    let concurrent = format!(
-        r#"
-import socket, threading, os, hashlib
-ok = []
-def client(i):
-    data = b"ping" + os.urandom(65532)
-    s = socket.create_connection(("127.0.0.2", {port}))
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-    got = b""
-    while True:
-        b = s.recv(65536)
-        if not b: break
-        got += b
-    ok.append(hashlib.sha256(got).digest() == hashlib.sha256(data).digest())
-ts = [threading.Thread(target=client, args=(i,)) for i in range(200)]
-[t.start() for t in ts]
-[t.join() for t in ts]
-print(sum(ok), len(ok))
-"#,
-        port = echo.addr.port()
-    );
+    let concurrent = echo_clients_all_open_at_once(echo.addr.port(), 200);
     let out = run_ok(cg.command("python3").args(["-c", &concurrent]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200 200");
 
@@ -448,33 +457,8 @@ fn an_agent_started_with_a_low_open_file_limit_raises_it_and_serves_two_hundred_
     let text = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
     assert!(text.contains(" open of 4096 allowed"), "{text}");
 
-    // All 200 connections are open in the agent at once: each client
-    // connects and sends, then waits for the others before it half-closes.
-    let overlapping = format!(
-        r#"
-import socket, threading, os, hashlib
-n = 200
-ready = threading.Barrier(n, timeout=60)
-ok = []
-def client(i):
-    data = os.urandom(65536)
-    s = socket.create_connection(("127.0.0.2", {port}), timeout=60)
-    s.sendall(data)
-    ready.wait()
-    s.shutdown(socket.SHUT_WR)
-    got = b""
-    while True:
-        b = s.recv(65536)
-        if not b: break
-        got += b
-    ok.append(hashlib.sha256(got).digest() == hashlib.sha256(data).digest())
-ts = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-[t.start() for t in ts]
-[t.join() for t in ts]
-print(sum(ok), len(ok))
-"#,
-        port = echo.addr.port()
-    );
+    // All 200 are open in the agent at once: ~1200 descriptors.
+    let overlapping = echo_clients_all_open_at_once(echo.addr.port(), 200);
     let out = run_ok(cg.command("python3").args(["-c", &overlapping]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200 200");
     let events = agent.wait_events(
