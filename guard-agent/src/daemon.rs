@@ -549,6 +549,8 @@ pub async fn run(mut cfg: AgentConfig) -> Result<(), StartError> {
         let m = Arc::new(crate::metrics::Metrics::new(Arc::clone(&counters)));
         let held = Arc::clone(&approvals);
         m.count_pending_holds_with(move || held.pending().len());
+        let lossy = store.clone();
+        m.count_lost_events_with(move || lossy.lost().count);
         metrics_tasks.push(tokio::spawn(crate::metrics::observe_events(
             Arc::clone(&m),
             writer.stored.subscribe(),

@@ -149,6 +149,10 @@ pub struct Metrics {
     holds_pending: Gauge<i64, AtomicI64>,
     /// How many holds are pending, asked at scrape time.
     pending_holds: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// Events the store could not write (brought up to date at scrape time).
+    events_lost: Counter,
+    /// How many events the store has lost, asked at scrape time.
+    lost_events: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
     dns_queries: Family<VerdictLabel, Counter>,
     admin_actions: Family<ActionLabel, Counter>,
 }
@@ -228,6 +232,12 @@ impl Metrics {
             "Requests held for approval now",
             holds_pending.clone(),
         );
+        let events_lost = Counter::default();
+        registry.register(
+            "guard_events_lost",
+            "Events the store could not write (a full disk): they are in no record",
+            events_lost.clone(),
+        );
         registry.register_collector(Box::new(LiveCounters(counters)));
         Self {
             registry,
@@ -241,6 +251,8 @@ impl Metrics {
             ttfb_seconds,
             holds_pending,
             pending_holds: std::sync::OnceLock::new(),
+            events_lost,
+            lost_events: std::sync::OnceLock::new(),
             dns_queries,
             admin_actions,
         }
@@ -249,6 +261,11 @@ impl Metrics {
     /// Where `guard_holds_pending` comes from (the approvals registry).
     pub fn count_pending_holds_with(&self, f: impl Fn() -> usize + Send + Sync + 'static) {
         let _ = self.pending_holds.set(Box::new(f));
+    }
+
+    /// Where `guard_events_lost_total` comes from (the store).
+    pub fn count_lost_events_with(&self, f: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.lost_events.set(Box::new(f));
     }
 
     /// Counts one stored event.
@@ -316,6 +333,11 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Some(f) = self.pending_holds.get() {
             self.holds_pending.set(f() as i64);
+        }
+        if let Some(f) = self.lost_events.get() {
+            // The store's count only grows.
+            let behind = f().saturating_sub(self.events_lost.get());
+            self.events_lost.inc_by(behind);
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

@@ -476,6 +476,130 @@ fn an_agent_started_with_a_low_open_file_limit_raises_it_and_serves_two_hundred_
     );
 }
 
+/// A small tmpfs mounted by the test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(at),
+        );
+        SmallDisk(at.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_loses_events_visibly_while_the_agent_keeps_serving() {
+    require_root();
+    let echo = EchoServer::start(external_v4(0));
+    let cg = TestCgroup::new("fulldisk");
+    let tmp = tempfile::Builder::new()
+        .prefix("guard-test-")
+        .tempdir()
+        .unwrap();
+    // The state directory is the mount (the agent's log lies beside it).
+    let state = tmp.path().join("state");
+    let disk = SmallDisk::mount(&state, "8m");
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into()],
+        state_dir: Some(state.clone()),
+        ..Default::default()
+    });
+
+    // Fill the disk.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 16];
+        let err = loop {
+            if let Err(e) = f.write_all(&block) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    }
+    let clients = |n: usize| {
+        let script = format!(
+            r#"
+import socket
+ok = 0
+for i in range({n}):
+    s = socket.create_connection(("127.0.0.2", {port}), timeout=20)
+    s.sendall(b"x" * 100); s.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        b = s.recv(4096)
+        if not b: break
+        got += b
+    ok += got == b"x" * 100
+print(ok)
+"#,
+            port = echo.addr.port()
+        );
+        let out = run_ok(cg.command("python3").args(["-c", &script]));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // Served as ever; their records cannot be written.
+    assert_eq!(clients(50), "50");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st: Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+        if st["store_events_lost"].as_u64().unwrap_or(0) > 0 {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no loss reported: {st:#}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let why = st["store_last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(why.contains("No space left on device"), "{st:#}");
+    let text = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("events could not be written"), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+
+    assert!(text.contains("restart the agent"), "{text}");
+
+    // sled stops writing after an I/O error: with room again, a restarted
+    // agent records again, on the same store.
+    std::fs::remove_file(&filler).unwrap();
+    drop(agent);
+    let agent = Agent::start(AgentOptions {
+        cgroups: vec![cg.path.clone()],
+        intercept: vec!["127.0.0.2/32".into()],
+        state_dir: Some(state.clone()),
+        ..Default::default()
+    });
+    let before = agent
+        .events(&["--kind", "connection", "--dest", &echo.addr.to_string()])
+        .len();
+    assert_eq!(clients(5), "5");
+    agent.wait_events(
+        &["--kind", "connection", "--dest", &echo.addr.to_string()],
+        before + 5,
+    );
+    let st: Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["store_events_lost"], 0, "{st:#}");
+    drop(agent);
+    drop(disk);
+}
+
 #[test]
 fn sigterm_detaches_and_a_restart_keeps_the_old_events() {
     require_root();

@@ -344,6 +344,8 @@ EOF
         sample(&m, "process_resident_memory_bytes").unwrap_or(0.0) > 1e6,
         "{m}"
     );
+    // Nothing lost by the store.
+    assert_eq!(sample(&m, "guard_events_lost_total"), Some(0.0), "{m}");
     // Descriptors: some open, and the limit the agent raised itself to.
     assert!(sample(&m, "process_open_fds").unwrap_or(0.0) > 0.0, "{m}");
     assert_eq!(

@@ -368,6 +368,7 @@ fn status(state: &AdminState) -> Status {
     listen.extend(c.listen_v6.map(|a| a.to_string()));
     let memory = crate::allocator::resident();
     let fds = crate::limits::descriptors();
+    let lost = state.store.lost();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
@@ -383,6 +384,13 @@ fn status(state: &AdminState) -> Status {
         store_events: state.store.len() as u64,
         store_bytes: state.store.bytes(),
         store_size_on_disk: state.store.size_on_disk(),
+        store_events_lost: lost.count,
+        store_last_error: lost.last.map(|(at, e)| {
+            let at = at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            format!("{at}: {e}")
+        }),
         state_dir: c.state_dir.clone(),
         memory_kib: memory.map(|m| m.now_kib),
         memory_peak_kib: memory.map(|m| m.peak_kib),

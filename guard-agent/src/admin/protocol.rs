@@ -99,6 +99,12 @@ pub struct Status {
     pub store_events: u64,
     pub store_bytes: u64,
     pub store_size_on_disk: u64,
+    /// Events the store could not write since the agent started.
+    #[serde(default)]
+    pub store_events_lost: u64,
+    /// The last write failure: when (RFC 3339) and why.
+    #[serde(default)]
+    pub store_last_error: Option<String>,
     pub state_dir: PathBuf,
     /// The agent's resident memory now and at its highest (KiB).
     #[serde(default)]

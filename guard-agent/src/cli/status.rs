@@ -98,6 +98,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.store_size_on_disk,
         s.state_dir.display()
     );
+    if s.store_events_lost > 0 {
+        println!(
+            "             {} events could not be written (last failure {}); the store stops writing after an I/O error: make room, then restart the agent",
+            s.store_events_lost,
+            s.store_last_error.as_deref().unwrap_or("unknown")
+        );
+    }
     if let (Some(now), Some(peak)) = (s.memory_kib, s.memory_peak_kib) {
         println!(
             "memory:      {:.1} MiB resident, {:.1} MiB at the most",

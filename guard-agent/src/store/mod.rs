@@ -47,6 +47,9 @@ const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// still peaked at 127 MiB after 200 000 keep-alive requests, at 8 MiB at
 /// 90 MiB, with no change in CPU per request beyond the noise.
 const CACHE_BYTES: u64 = 8 << 20;
+/// How often written events are flushed to disk (by sled, and by the
+/// writer, which learns of a failed flush that way).
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// The tree of chunks.
 const CHUNKS_TREE: &str = "event_chunks";
 /// The tree of stores written before chunks: one JSON value per event,
@@ -83,6 +86,23 @@ pub struct EventStore {
     /// Held while ids are handed out, so that a write batch's fresh ids are
     /// one contiguous run that no reserved id falls into.
     ids: Arc<Mutex<()>>,
+    /// Events the writer could not store (a full disk), and why.
+    lost: Arc<Mutex<LostLog>>,
+}
+
+#[derive(Default)]
+struct LostLog {
+    events: LostEvents,
+    /// The failure last written to the log.
+    logged: Option<(OffsetDateTime, String)>,
+}
+
+/// Events the writer could not store since the agent started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LostEvents {
+    pub count: u64,
+    /// When the last write failed, and the error.
+    pub last: Option<(OffsetDateTime, String)>,
 }
 
 fn key(id: u64) -> [u8; 8] {
@@ -97,7 +117,7 @@ impl EventStore {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(Some(1000))
+            .flush_every_ms(Some(FLUSH_EVERY.as_millis() as u64))
             .open()
             .map_err(|source| StoreError::Open {
                 path: path.display().to_string(),
@@ -121,6 +141,7 @@ impl EventStore {
             count: Arc::new(AtomicU64::new(count)),
             written: Arc::new(AtomicU64::new(0)),
             ids: Arc::new(Mutex::new(())),
+            lost: Arc::new(Mutex::new(LostLog::default())),
         })
     }
 
@@ -244,6 +265,32 @@ impl EventStore {
     /// that retention does not lower.
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+
+    /// Events that could not be written since the store was opened.
+    pub fn lost(&self) -> LostEvents {
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .events
+            .clone()
+    }
+
+    /// Counts `n` events a failed write lost. Returns whether to log it:
+    /// the first failure, a different error, or a minute since the last
+    /// log line (a full disk fails every batch, 50 times a second).
+    fn note_lost(&self, n: usize, error: &str, now: OffsetDateTime) -> bool {
+        let mut l = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        l.events.count += n as u64;
+        l.events.last = Some((now, error.to_owned()));
+        let log = match &l.logged {
+            None => true,
+            Some((at, e)) => e != error || now - *at >= time::Duration::minutes(1),
+        };
+        if log {
+            l.logged = Some((now, error.to_owned()));
+        }
+        log
     }
 
     /// Stored size of the events in bytes (compressed chunks and keys).
@@ -399,6 +446,12 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
     let out = stored.clone();
     let task = tokio::spawn(async move {
         let mut retention_tick = tokio::time::interval(Duration::from_secs(60));
+        // sled reports an I/O error of its own background writes only to
+        // the next caller: flushing here, as often as sled flushes by
+        // itself, tells which events did not reach the disk.
+        let mut flush_tick = tokio::time::interval(FLUSH_EVERY);
+        flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unflushed = 0usize;
         let mut buf = Vec::with_capacity(BATCH_MAX);
         loop {
             tokio::select! {
@@ -418,12 +471,33 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
                     }
                     let s = store.clone();
                     let mut batch = std::mem::take(&mut buf);
+                    let batch_len = batch.len();
                     let res = tokio::task::spawn_blocking(move || s.write_batch(&mut batch).map(|_| batch)).await;
                     match res {
-                        Ok(Ok(batch)) => for e in batch { let _ = out.send(Arc::new(e)); },
-                        Ok(Err(e)) => tracing::error!("writing events failed: {e}"),
+                        Ok(Ok(batch)) => {
+                            unflushed += batch.len();
+                            for e in batch { let _ = out.send(Arc::new(e)); }
+                        }
+                        Ok(Err(e)) => {
+                            let n = batch_len;
+                            let error = e.to_string();
+                            if store.note_lost(n, &error, OffsetDateTime::now_utc()) {
+                                tracing::error!(lost = store.lost().count, "writing events failed, {n} events lost: {error}");
+                            }
+                        }
                         Err(e) => tracing::error!("event writer panicked: {e}"),
                     }
+                }
+                _ = flush_tick.tick(), if unflushed > 0 => {
+                    let s = store.clone();
+                    let res = tokio::task::spawn_blocking(move || s.flush()).await;
+                    if let Ok(Err(e)) = res {
+                        let error = e.to_string();
+                        if store.note_lost(unflushed, &error, OffsetDateTime::now_utc()) {
+                            tracing::error!(lost = store.lost().count, "flushing events failed, {unflushed} events did not reach the disk: {error}");
+                        }
+                    }
+                    unflushed = 0;
                 }
                 _ = retention_tick.tick() => {
                     let s = store.clone();
@@ -472,6 +546,27 @@ mod tests {
                 Err(e) => panic!("reopening the store: {e}"),
             }
         }
+    }
+
+    #[test]
+    fn lost_events_are_counted_and_logged_once_a_minute_per_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EventStore::open(dir.path()).unwrap();
+        let t0 = OffsetDateTime::now_utc();
+        let secs = time::Duration::seconds;
+        assert_eq!(s.lost(), LostEvents::default());
+        assert!(s.note_lost(3, "disk full", t0));
+        assert!(!s.note_lost(2, "disk full", t0 + secs(10)));
+        assert!(s.note_lost(1, "other", t0 + secs(20)));
+        assert!(!s.note_lost(1, "other", t0 + secs(30)));
+        assert!(s.note_lost(1, "other", t0 + secs(81)));
+        assert_eq!(
+            s.lost(),
+            LostEvents {
+                count: 8,
+                last: Some((t0 + secs(81), "other".to_owned())),
+            }
+        );
     }
 
     #[test]
