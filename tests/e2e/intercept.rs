@@ -529,6 +529,8 @@ fn a_full_disk_loses_events_visibly_while_the_agent_keeps_serving() {
         };
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     }
+    let st: Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["store_disk_available"], 0, "{st:#}");
     let clients = |n: usize| {
         let script = format!(
             r#"
@@ -596,6 +598,13 @@ print(ok)
     );
     let st: Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(st["store_events_lost"], 0, "{st:#}");
+    // Most of the 8 MiB is free again.
+    assert!(
+        st["store_disk_available"]
+            .as_u64()
+            .is_some_and(|b| b > 4 << 20 && b <= 8 << 20),
+        "{st:#}"
+    );
     drop(agent);
     drop(disk);
 }

@@ -384,6 +384,7 @@ fn status(state: &AdminState) -> Status {
         store_events: state.store.len() as u64,
         store_bytes: state.store.bytes(),
         store_size_on_disk: state.store.size_on_disk(),
+        store_disk_available: crate::store::disk_available(&c.state_dir),
         store_events_lost: lost.count,
         store_last_error: lost.last.map(|(at, e)| {
             let at = at

@@ -99,6 +99,9 @@ pub struct Status {
     pub store_events: u64,
     pub store_bytes: u64,
     pub store_size_on_disk: u64,
+    /// Space left on the state directory's filesystem (bytes).
+    #[serde(default)]
+    pub store_disk_available: Option<u64>,
     /// Events the store could not write since the agent started.
     #[serde(default)]
     pub store_events_lost: u64,

@@ -92,11 +92,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         c.redirected, c.active, c.errors, c.unknown
     );
     println!(
-        "store:       {} events, {} bytes of records, {} bytes on disk ({})",
+        "store:       {} events, {} bytes of records, {} bytes on disk ({}{})",
         s.store_events,
         s.store_bytes,
         s.store_size_on_disk,
-        s.state_dir.display()
+        s.state_dir.display(),
+        s.store_disk_available
+            .map(|b| format!(", {:.1} MiB free", b as f64 / (1 << 20) as f64))
+            .unwrap_or_default()
     );
     if s.store_events_lost > 0 {
         println!(

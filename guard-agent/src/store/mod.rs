@@ -333,6 +333,13 @@ impl EventStore {
     }
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem holding
+/// `dir` (what `df` shows as available); `None` when it cannot be asked.
+pub fn disk_available(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
 /// Inserts encoded chunks in one sled batch; returns their stored size.
 fn insert_chunks(tree: &sled::Tree, chunks: Vec<(u64, Vec<u8>)>) -> Result<u64, StoreError> {
     let mut batch = sled::Batch::default();
