@@ -572,6 +572,12 @@ print(ok)
         .unwrap_or_default()
         .to_owned();
     assert!(why.contains("No space left on device"), "{st:#}");
+    assert!(
+        st["store_last_error_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{st:#}"
+    );
     let text = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
     assert!(text.contains("events could not be written"), "{text}");
     assert!(text.contains("No space left on device"), "{text}");

@@ -386,12 +386,8 @@ fn status(state: &AdminState) -> Status {
         store_size_on_disk: state.store.size_on_disk(),
         store_disk_available: crate::store::disk_available(&c.state_dir),
         store_events_lost: lost.count,
-        store_last_error: lost.last.map(|(at, e)| {
-            let at = at
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
-            format!("{at}: {e}")
-        }),
+        store_last_error_at: lost.last.as_ref().map(|(at, _)| *at),
+        store_last_error: lost.last.map(|(_, e)| e),
         state_dir: c.state_dir.clone(),
         memory_kib: memory.map(|m| m.now_kib),
         memory_peak_kib: memory.map(|m| m.peak_kib),

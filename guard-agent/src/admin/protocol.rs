@@ -105,9 +105,11 @@ pub struct Status {
     /// Events the store could not write since the agent started.
     #[serde(default)]
     pub store_events_lost: u64,
-    /// The last write failure: when (RFC 3339) and why.
+    /// Why the last write failed, and when.
     #[serde(default)]
     pub store_last_error: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub store_last_error_at: Option<time::OffsetDateTime>,
     pub state_dir: PathBuf,
     /// The agent's resident memory now and at its highest (KiB).
     #[serde(default)]

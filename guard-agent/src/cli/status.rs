@@ -103,8 +103,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     );
     if s.store_events_lost > 0 {
         println!(
-            "             {} events could not be written (last failure {}); the store stops writing after an I/O error: make room, then restart the agent",
+            "             {} events could not be written (last failure {}: {}); the store stops writing after an I/O error: make room, then restart the agent",
             s.store_events_lost,
+            s.store_last_error_at
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .unwrap_or_else(|| "at an unknown time".into()),
             s.store_last_error.as_deref().unwrap_or("unknown")
         );
     }

@@ -395,6 +395,18 @@ fn move_per_event_records(db: &sled::Db, chunks: &sled::Tree) -> Result<usize, S
     Ok(moved)
 }
 
+/// Counts `n` events that did not reach the disk, and logs it (at most
+/// once a minute for the same error).
+fn report_lost(store: &EventStore, n: usize, what: &str, e: &StoreError) {
+    let error = e.to_string();
+    if store.note_lost(n, &error, OffsetDateTime::now_utc()) {
+        tracing::error!(
+            lost = store.lost().count,
+            "{what}, {n} events did not reach the disk: {error}"
+        );
+    }
+}
+
 /// Where the data path sends events: a bounded queue to the writer task.
 #[derive(Clone)]
 pub struct EventSink {
@@ -485,13 +497,7 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
                             unflushed += batch.len();
                             for e in batch { let _ = out.send(Arc::new(e)); }
                         }
-                        Ok(Err(e)) => {
-                            let n = batch_len;
-                            let error = e.to_string();
-                            if store.note_lost(n, &error, OffsetDateTime::now_utc()) {
-                                tracing::error!(lost = store.lost().count, "writing events failed, {n} events lost: {error}");
-                            }
-                        }
+                        Ok(Err(e)) => report_lost(&store, batch_len, "writing events failed", &e),
                         Err(e) => tracing::error!("event writer panicked: {e}"),
                     }
                 }
@@ -499,10 +505,7 @@ pub fn start_writer(store: EventStore, retention: Retention) -> EventWriter {
                     let s = store.clone();
                     let res = tokio::task::spawn_blocking(move || s.flush()).await;
                     if let Ok(Err(e)) = res {
-                        let error = e.to_string();
-                        if store.note_lost(unflushed, &error, OffsetDateTime::now_utc()) {
-                            tracing::error!(lost = store.lost().count, "flushing events failed, {unflushed} events did not reach the disk: {error}");
-                        }
+                        report_lost(&store, unflushed, "flushing events failed", &e);
                     }
                     unflushed = 0;
                 }
