@@ -386,6 +386,9 @@ pub(crate) enum Via {
     /// The client outside Guard's cgroup, talking to the reference relay
     /// ([`crate::bench_relay`]).
     Relay,
+    /// (HTTPS only) the client outside Guard's cgroup, talking to the
+    /// reference relay in its HTTP mode ([`crate::bench_tls_relay`]).
+    HttpRelay,
 }
 
 impl Via {
@@ -395,6 +398,7 @@ impl Via {
             Via::Guard => "guard",
             Via::Mitmproxy => "mitmproxy",
             Via::Relay => "relay",
+            Via::HttpRelay => "http-relay",
         }
     }
 }
@@ -556,7 +560,7 @@ impl Bench {
     ) -> anyhow::Result<Value> {
         let exe = self.client_exe.to_str().context("client path")?;
         let mut cmd = match via {
-            Via::Direct | Via::Mitmproxy | Via::Relay => Command::new(exe),
+            Via::Direct | Via::Mitmproxy | Via::Relay | Via::HttpRelay => Command::new(exe),
             Via::Guard => command_in(&self.cgroup, exe),
         };
         cmd.arg("bench-client")
@@ -588,7 +592,7 @@ impl Bench {
         let (red1, err1) = counters(&self.agent);
         let redirected = red1 - red0;
         match via {
-            Via::Direct | Via::Mitmproxy | Via::Relay => ensure!(
+            Via::Direct | Via::Mitmproxy | Via::Relay | Via::HttpRelay => ensure!(
                 redirected == 0,
                 "the {} {mode} run went through Guard ({redirected} connections redirected)",
                 via.name()

@@ -63,6 +63,7 @@ use rustls::{
 use serde_json::{json, Value};
 
 use crate::bench::{percentile, proc_kib, Bench, ClientArgs, Via};
+use crate::bench_tls_relay::RelayLevel;
 
 /// The name the client asks for (covered by the test server's certificate).
 const SNI: &str = "api.test";
@@ -376,12 +377,13 @@ impl Drop for Mitmdump {
 
 // ---------------------------------------------------------------- phases
 
-/// Figures of one phase: direct, Guard, the minimal TLS relay, mitmproxy
-/// (None: not measured).
+/// Figures of one phase: direct, Guard, the minimal TLS relay, the minimal
+/// HTTP relay, mitmproxy (None: not measured).
 pub struct Triple {
     pub direct: Value,
     pub guard: Value,
     pub relay: Value,
+    pub http_relay: Value,
     pub mitm: Option<Value>,
 }
 
@@ -423,7 +425,7 @@ fn triple(b: &mut Bench, s: &Setup, mode: &str, args: &[String]) -> anyhow::Resu
     let server = || TlsServer::start(external_v4(0), s.ca, CertKind::Valid);
     let direct = b.client(Via::Direct, mode, server().addr, &with_ca(s.ca.pem_path()))?;
     let guard = b.client(Via::Guard, mode, server().addr, &with_ca(&s.guard_ca))?;
-    let relay = {
+    let mut relay = |via: Via, level: RelayLevel| -> anyhow::Result<Value> {
         let up = server();
         let r = crate::bench_tls_relay::start(
             &b.client_exe,
@@ -431,15 +433,14 @@ fn triple(b: &mut Bench, s: &Setup, mode: &str, args: &[String]) -> anyhow::Resu
             (&s.relay_cert, &s.relay_key),
             s.ca.pem_path(),
             SNI,
+            level,
         )?;
-        b.client_through(
-            Via::Relay,
-            Some(r.pid()),
-            mode,
-            r.addr,
-            &with_ca(s.ca.pem_path()),
-        )?
+        b.client_through(via, Some(r.pid()), mode, r.addr, &with_ca(s.ca.pem_path()))
     };
+    let (relay, http_relay) = (
+        relay(Via::Relay, RelayLevel::Bytes)?,
+        relay(Via::HttpRelay, RelayLevel::Http)?,
+    );
     let mitm = match &s.mitm_confdir {
         Some(conf) => {
             let up = server();
@@ -458,6 +459,7 @@ fn triple(b: &mut Bench, s: &Setup, mode: &str, args: &[String]) -> anyhow::Resu
         direct,
         guard,
         relay,
+        http_relay,
         mitm,
     })
 }
@@ -588,6 +590,7 @@ impl HttpsResults {
             let d = f(&t.direct, k);
             let g = f(&t.guard, k);
             let r = f(&t.relay, k);
+            let h = f(&t.http_relay, k);
             let (m, gm, md) = match &t.mitm {
                 Some(m) => {
                     let m = f(m, k);
@@ -600,13 +603,14 @@ impl HttpsResults {
                 None => ("-".into(), "-".into(), "-".into()),
             };
             format!(
-                "| {name} | {d:.prec$} | {g:.prec$} | {r:.prec$} | {m} | {:.2}× | {:.2}× | {md} | {gm} |\n",
+                "| {name} | {d:.prec$} | {g:.prec$} | {r:.prec$} | {h:.prec$} | {m} | {:.2}× | {:.2}× | {:.2}× | {md} | {gm} |\n",
                 g / d,
-                r / d
+                r / d,
+                h / d,
             )
         };
         let mut m = String::new();
-        m += "# Guard HTTPS: direct vs through Guard vs a minimal TLS relay vs through mitmproxy\n\n";
+        m += "# Guard HTTPS: direct vs through Guard vs minimal TLS and HTTP relays vs through mitmproxy\n\n";
         m += &format!(
             "{} run; {} CPUs; client: sync rustls, HTTP/1.1, TLS session resumption off; server: rustls + hyper, ECDSA P-256; mitmproxy {}.\n\n",
             if self.quick { "Quick (--quick)" } else { "Full" },
@@ -619,9 +623,12 @@ impl HttpsResults {
               the client's TLS with one fixed certificate, re-originates TLS to the server and \
               copies plaintext both ways (tokio-rustls, `copy_bidirectional`): no HTTP, no \
               inspection, no records. It is the floor any TLS-terminating relay pays on this \
-              machine.\n\n";
-        m += "| metric | direct | through Guard | minimal TLS relay | through mitmproxy | Guard/direct | relay/direct | mitmproxy/direct | Guard/mitmproxy |\n";
-        m += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+              machine. The minimal HTTP relay (the same process with `--http`) puts hyper's \
+              HTTP/1.1 server on the client's leg and its client on the upstream's, and hands \
+              each request across as it came: the floor of any relay that reads requests with \
+              hyper, as Guard does, before it inspects or records anything.\n\n";
+        m += "| metric | direct | through Guard | minimal TLS relay | minimal HTTP relay | through mitmproxy | Guard/direct | TLS relay/direct | HTTP relay/direct | mitmproxy/direct | Guard/mitmproxy |\n";
+        m += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         m += &row(
             "keep-alive, 1 connection (req/s)",
             &self.keepalive_1,
@@ -673,23 +680,25 @@ impl HttpsResults {
             .map(|v| format!("{:.1}", added(v)))
             .unwrap_or_else(|| "-".into());
         m += &format!(
-            "| added latency per keep-alive request p50 (µs) | | {:.1} | {:.1} | {added_m} | | | | |\n",
+            "| added latency per keep-alive request p50 (µs) | | {:.1} | {:.1} | {:.1} | {added_m} | | | | | |\n",
             self.added_p50(),
             added(&self.keepalive_1.relay),
+            added(&self.keepalive_1.http_relay),
         );
         let cpu = |t: &Triple| {
             (
                 f(&t.guard, "proxy_cpu_us_per_op"),
                 f(&t.relay, "proxy_cpu_us_per_op"),
+                f(&t.http_relay, "proxy_cpu_us_per_op"),
             )
         };
-        let (g, r) = cpu(&self.keepalive_4);
+        let (g, r, h) = cpu(&self.keepalive_4);
         m += &format!(
-            "| CPU of the agent / relay per keep-alive request, 4 connections (µs) | | {g:.1} | {r:.1} | | | | | |\n"
+            "| CPU of the agent / relay per keep-alive request, 4 connections (µs) | | {g:.1} | {r:.1} | {h:.1} | | | | | | |\n"
         );
-        let (g, r) = cpu(&self.handshake_4);
+        let (g, r, h) = cpu(&self.handshake_4);
         m += &format!(
-            "| CPU of the agent / relay per new connection + 1 request, 4 threads (µs) | | {g:.1} | {r:.1} | | | | | |\n\n"
+            "| CPU of the agent / relay per new connection + 1 request, 4 threads (µs) | | {g:.1} | {r:.1} | {h:.1} | | | | | | |\n\n"
         );
         if let Some((rss, hwm)) = self.agent_rss_kib {
             m += &format!(
@@ -720,7 +729,7 @@ impl HttpsResults {
     }
 
     pub fn json(&self) -> Value {
-        let t = |t: &Triple| json!({"direct": t.direct, "guard": t.guard, "tls_relay": t.relay, "mitmproxy": t.mitm});
+        let t = |t: &Triple| json!({"direct": t.direct, "guard": t.guard, "tls_relay": t.relay, "http_relay": t.http_relay, "mitmproxy": t.mitm});
         json!({
             "quick": self.quick,
             "mitmproxy": self.mitm_version,

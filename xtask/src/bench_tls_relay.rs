@@ -54,6 +54,12 @@ pub struct TlsRelayArgs {
     /// The name the upstream's certificate is checked against (SNI).
     #[arg(long)]
     upstream_name: String,
+    /// Relay HTTP/1.1 requests with hyper on both legs (a server connection
+    /// to the client, a client connection to the upstream, each request
+    /// handed from one to the other with its body streamed) instead of
+    /// copying bytes.
+    #[arg(long)]
+    http: bool,
 }
 
 /// `xtask bench-tls-relay`: listens, prints the address, relays until
@@ -79,8 +85,13 @@ pub fn start(
     (cert, key): (&Path, &Path),
     upstream_ca: &Path,
     upstream_name: &str,
+    level: RelayLevel,
 ) -> anyhow::Result<Relay> {
     let path = |p: &Path| p.display().to_string();
+    let mut args: Vec<String> = Vec::new();
+    if level == RelayLevel::Http {
+        args.push("--http".into());
+    }
     Relay::spawn(
         exe,
         &[
@@ -95,8 +106,20 @@ pub fn start(
             path(upstream_ca),
             "--upstream-name".into(),
             upstream_name.into(),
-        ],
+        ]
+        .into_iter()
+        .chain(args)
+        .collect::<Vec<_>>(),
     )
+}
+
+/// What the reference relay relays.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RelayLevel {
+    /// Plaintext bytes, copied both ways.
+    Bytes,
+    /// HTTP/1.1 requests and responses, through hyper on both legs.
+    Http,
 }
 
 async fn serve(a: TlsRelayArgs) -> anyhow::Result<()> {
@@ -120,22 +143,25 @@ async fn serve(a: TlsRelayArgs) -> anyhow::Result<()> {
     loop {
         let (c, _) = l.accept().await?;
         let (acceptor, connector, name) = (acceptor.clone(), connector.clone(), name.clone());
+        let http = a.http;
         tokio::spawn(async move {
             // A failed connection is the client's to notice.
-            let _ = carry(c, a.to, acceptor, connector, name).await;
+            let _ = carry(c, a.to, acceptor, connector, name, http).await;
         });
     }
 }
 
-/// Terminates the client's TLS, originates TLS to `to`, copies plaintext
-/// both ways until both directions end.
+/// Terminates the client's TLS, originates TLS to `to`, then copies
+/// plaintext both ways until both directions end, or (`http`) relays
+/// HTTP/1.1 requests until the client closes.
 async fn carry(
     c: TcpStream,
     to: SocketAddr,
     acceptor: TlsAcceptor,
     connector: TlsConnector,
     name: ServerName<'static>,
-) -> io::Result<()> {
+    http: bool,
+) -> anyhow::Result<()> {
     c.set_nodelay(true)?;
     let upstream = async {
         let u = TcpStream::connect(to).await?;
@@ -143,6 +169,38 @@ async fn carry(
         connector.connect(name, u).await
     };
     let (mut client, mut upstream) = tokio::try_join!(acceptor.accept(c), upstream)?;
+    if http {
+        return relay_http(client, upstream).await;
+    }
     tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// hyper's HTTP/1.1 server on the client's leg, its client on the
+/// upstream's: each request goes upstream as it came (head and streamed
+/// body), each response back as it came. Nothing is read, changed or
+/// recorded: the least an HTTP-aware relay built on hyper does.
+async fn relay_http<C, U>(client: C, upstream: U) -> anyhow::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper::{body::Incoming, Request};
+    use hyper_util::rt::TokioIo;
+
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
+    tokio::spawn(conn);
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let sender = Arc::clone(&sender);
+        async move {
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(req).await
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await?;
     Ok(())
 }
