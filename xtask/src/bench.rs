@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: L4 passthrough cost, direct vs through Guard vs a
 //! minimal relay ([`crate::bench_relay`]), in one run; then the HTTPS phases
-//! of [`crate::bench_https`] (direct vs Guard vs a minimal TLS relay vs
-//! mitmproxy) with the same agent. `--only l4|https|dlp` runs one part.
+//! of [`crate::bench_https`] (direct vs Guard vs minimal TLS and HTTP relays
+//! vs mitmproxy) with the same agent. `--only l4|https|dlp` runs one part.
 //!
 //! What runs where:
 //! - the **servers** run as threads in this xtask process (outside every

@@ -1,6 +1,6 @@
 //! The HTTPS part of `cargo xtask bench`: keep-alive requests and new TLS
-//! connections, direct vs through Guard vs a minimal TLS relay vs through
-//! mitmproxy, in one run.
+//! connections, direct vs through Guard vs minimal TLS and HTTP relays vs
+//! through mitmproxy, in one run.
 //!
 //! What runs where:
 //! - the **server** is the tests' TLS server (`guard_harness::tls_server`:
@@ -17,6 +17,11 @@
 //!   plaintext copied both ways. It is the floor any TLS-terminating relay
 //!   pays on this machine; the report gives its CPU per operation next to
 //!   the agent's;
+//! - the **minimal HTTP relay** is the same process in its `--http` mode,
+//!   started the same way: hyper's HTTP/1.1 server and client on the two
+//!   legs, every request handed across untouched. It is the floor of a
+//!   relay that reads requests with hyper, as Guard does, before any
+//!   inspection or record;
 //! - **mitmproxy** is Debian's `mitmdump`, started per phase in reverse-proxy
 //!   mode on 127.0.0.3 (`--mode reverse:https://127.0.0.2:PORT
 //!   --ssl-insecure`), outside every monitored cgroup; the client trusts

@@ -13,8 +13,12 @@
 //! as Guard keeps sessions to upstreams), then plaintext copied both ways
 //! with tokio's `copy_bidirectional`. No HTTP parsing, no certificate
 //! minting, no SNI to read, no lookups, no records: a reverse proxy that
-//! knows its one upstream. It must never be used for anything but the
-//! bench: it only connects to 127.0.0.0/8.
+//! knows its one upstream. With `--http` ([`RelayLevel::Http`]) it parses
+//! instead: hyper's HTTP/1.1 server on the client's leg, hyper's client on
+//! the upstream's, each request and response handed across untouched, the
+//! floor of a relay that reads requests with hyper, as Guard does. It must
+//! never be used for anything but the bench: it only connects to
+//! 127.0.0.0/8.
 
 use std::{
     io::{self, Write},
