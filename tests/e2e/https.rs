@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, process::Output};
 
 use guard_harness::{
     external_v4, require_root, run_ok,
-    servers::{pattern_block, pattern_sha256},
+    servers::{pattern_block, pattern_sha256, ConnectProxy},
     tls_server::{CertKind, TestCa, TlsServer},
     Agent, AgentOptions, TestCgroup,
 };
@@ -1001,4 +1001,189 @@ fn ca_export_prints_the_certificate_the_agent_signs_with_and_never_its_key() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// An AWS access key id (the default policy masks it anywhere but AWS).
+const AWS_KEY: &str = "AKIAZ7QK3MXWB4PLR2TD";
+
+/// The site's proxy (on 127.0.0.2 in the test) may receive its credentials.
+const PROXY_POLICY: &str = r#"Policy(
+    name: "proxy",
+    rules: [
+        Rule(
+            name: "no-tunnels-to-paste-sites",
+            when: (host: ["paste.test"]),
+            action: Block(reason: "uploads to paste sites are not allowed"),
+        ),
+        Rule(
+            name: "our-proxy",
+            when: (method: ["CONNECT"], cidr: ["127.0.0.2/32"]),
+            action: Allow,
+        ),
+    ],
+)"#;
+
+#[test]
+fn https_through_an_explicit_proxy_is_inspected_inside_its_connect_tunnel() {
+    require_root();
+    let ca = TestCa::new();
+    let server = TlsServer::start(external_v4(0), &ca, CertKind::Valid);
+    let port = server.port();
+    // The proxy is on 127.0.0.2 too: the monitored clients' connections to
+    // it are redirected, the proxy's own to the server are not.
+    let proxy = ConnectProxy::start(external_v4(0));
+    let proxy_url = format!("http://{}", proxy.addr);
+    let cg = TestCgroup::new("https-proxy");
+    // The default policy masks credentials leaving home, the proxy's too;
+    // a rule of the site's own lets the proxy's through.
+    let policies = tempfile::Builder::new()
+        .prefix("guard-policy-")
+        .tempdir()
+        .unwrap();
+    std::fs::write(policies.path().join("10-proxy.ron"), PROXY_POLICY).unwrap();
+    std::fs::write(
+        policies.path().join("50-default.ron"),
+        include_str!("../../policies/default.ron"),
+    )
+    .unwrap();
+    let agent = agent_for(
+        &cg,
+        &ca,
+        &["--policy-dir", policies.path().to_str().unwrap()],
+    );
+
+    // curl: CONNECT api.test:PORT through the proxy, then TLS inside.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http1.1",
+        "--proxy",
+        &proxy_url,
+        "--proxy-header",
+        "Proxy-Authorization: Basic cHJveHk6c2VjcmV0",
+        "-H",
+        "X-Test: tunnel",
+        &format!("https://api.test:{port}/v1/tunnel?x=1"),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/v1/tunnel", "{body:#}");
+    assert_eq!(body["host"], format!("api.test:{port}"));
+
+    // python3 urllib through HTTPS_PROXY, a secret in the body: the
+    // default policy masks it inside the tunnel as anywhere else.
+    let py = format!(
+        "import urllib.request
+req = urllib.request.Request('https://api.test:{port}/py/keys', data=b'key={AWS_KEY}', method='POST')
+print(urllib.request.urlopen(req, timeout=20).read().decode())
+"
+    );
+    let out = run_ok(
+        agent
+            .exec("python3")
+            .env("https_proxy", &proxy_url)
+            .args(["-c", &py]),
+    );
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/py/keys", "{body:#}");
+    let sent = format!("key={AWS_KEY}");
+    assert_eq!(body["body_len"], sent.len(), "masking keeps the length");
+    assert_ne!(
+        body["body_sha256"],
+        sha256_hex(sent.as_bytes()),
+        "the key reached the server unmasked"
+    );
+
+    // A tunnel the policy forbids is never asked of the proxy.
+    let out = agent
+        .exec("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            &proxy_url,
+            &format!("https://paste.test:{port}/new"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blocked = agent.wait_events(&["--http", "--verdict", "block"], 1);
+    assert_eq!(blocked[0]["http"]["method"], "CONNECT", "{blocked:#?}");
+    assert_eq!(blocked[0]["http"]["host"], "paste.test");
+    assert_eq!(blocked[0]["policy"]["rule"], "no-tunnels-to-paste-sites");
+
+    // The proxy saw two tunnels to api.test, with the client's own headers.
+    let connects = proxy.connects();
+    assert_eq!(connects.len(), 2, "{connects:#?}");
+    for head in &connects {
+        assert!(
+            head.starts_with(&format!("CONNECT api.test:{port} HTTP/1.1\r\n")),
+            "{head}"
+        );
+    }
+    assert!(
+        connects[0].contains("Basic cHJveHk6c2VjcmV0"),
+        "the proxy credentials did not reach the proxy: {}",
+        connects[0]
+    );
+    assert_eq!(server.requests().len(), 2);
+
+    // Each tunnel: its CONNECT, and the requests inside it, linked by the
+    // connection id; all of it attributed to the client.
+    let proxy_dst = proxy.addr.to_string();
+    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 3);
+    let masked = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "mask"], 1);
+    let events: Vec<Value> = events.into_iter().chain(masked).collect();
+    assert_eq!(events.len(), 4, "{events:#?}");
+    let tunnels: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["http"]["method"] == "CONNECT")
+        .collect();
+    assert_eq!(tunnels.len(), 2, "{events:#?}");
+    for t in &tunnels {
+        assert_eq!(t["http"]["host"], "api.test", "{t:#}");
+        assert_eq!(t["http"]["status"], 200, "{t:#}");
+        assert_eq!(t["http"]["scheme"], "http", "{t:#}");
+        assert_eq!(str_field(t, "verdict"), "allow");
+        assert_eq!(t["policy"]["rule"], "our-proxy", "{t:#}");
+        assert!(
+            header(&t["http"]["request_headers"], "proxy-authorization")
+                .is_none_or(|v| !v.contains("cHJveHk6c2VjcmV0")),
+            "a proxy credential reached the store: {t:#}"
+        );
+    }
+    let curl_ev = by_path(&events, "/v1/tunnel");
+    assert_eq!(curl_ev["http"]["method"], "GET");
+    assert_eq!(curl_ev["http"]["scheme"], "https");
+    assert_eq!(curl_ev["http"]["host"], "api.test");
+    assert_eq!(curl_ev["http"]["query"], "x=1");
+    assert_eq!(curl_ev["http"]["status"], 200);
+    assert_eq!(
+        header(&curl_ev["http"]["request_headers"], "x-test"),
+        Some("tunnel")
+    );
+    assert_eq!(curl_ev["tls"]["sni"], "api.test");
+    assert_eq!(str_field(curl_ev, "host"), "api.test");
+    assert_eq!(str_field(curl_ev, "exe"), "/usr/bin/curl");
+    let py_ev = by_path(&events, "/py/keys");
+    assert!(str_field(py_ev, "exe").contains("python3"), "{py_ev:#}");
+    assert_eq!(str_field(py_ev, "verdict"), "mask", "{py_ev:#}");
+    assert_eq!(py_ev["policy"]["rule"], "secrets-leaving-home", "{py_ev:#}");
+    for inner in [curl_ev, py_ev] {
+        assert!(
+            tunnels.iter().any(|t| t["conn_id"] == inner["conn_id"]),
+            "no CONNECT event on the connection of {inner:#}"
+        );
+    }
+    let all = serde_json::to_string(&agent.events(&[])).unwrap();
+    assert!(
+        !all.contains(AWS_KEY),
+        "the store holds the key sent through the tunnel"
+    );
 }

@@ -243,3 +243,74 @@ pub fn pattern_sha256(len: u64) -> String {
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// An explicit HTTP proxy, as on a corporate network (`HTTPS_PROXY`): it
+/// answers `CONNECT host:port` with `200 Connection established` and then
+/// copies bytes both ways between the client and `127.0.0.2:port`, whatever
+/// the host, so tunnelled traffic stays on loopback. Anything but CONNECT
+/// gets a 405. It records the head of every CONNECT request it answered.
+pub struct ConnectProxy {
+    pub addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    pub fn start(bind: SocketAddr) -> Self {
+        let l = TcpListener::bind(bind).expect("bind the CONNECT proxy");
+        let addr = l.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&heads);
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let seen = Arc::clone(&seen);
+                thread::spawn(move || {
+                    let _ = Self::tunnel(s, &seen);
+                });
+            }
+        });
+        Self { addr, heads }
+    }
+
+    /// The heads of the CONNECT requests answered so far (request line and
+    /// headers, as sent).
+    pub fn connects(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    fn tunnel(mut client: TcpStream, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        // Byte by byte, so nothing after the head is read here.
+        while !head.ends_with(b"\r\n\r\n") {
+            if client.read(&mut byte)? == 0 || head.len() > 16 * 1024 {
+                return Ok(());
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let target = head
+            .strip_prefix("CONNECT ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|authority| authority.rsplit_once(':'))
+            .and_then(|(_, port)| port.parse::<u16>().ok());
+        let Some(port) = target else {
+            return client.write_all(
+                b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        };
+        let upstream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 2], port)))?;
+        seen.lock().unwrap().push(head);
+        client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+        let (mut c2, mut u2) = (client.try_clone()?, upstream.try_clone()?);
+        let up = thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut u2);
+            let _ = u2.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut u, mut c) = (upstream, client);
+        let _ = std::io::copy(&mut u, &mut c);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let _ = up.join();
+        Ok(())
+    }
+}

@@ -9,5 +9,6 @@ pub mod body;
 pub mod headers;
 pub mod inspect;
 pub mod pipeline;
+pub mod tunnel;
 pub mod upgrade;
 pub mod upstream;

@@ -33,6 +33,7 @@ use super::{
     body::{buffer_up_to, chain, full, Buffered, PipeBody, RecordingBody},
     headers::{record_headers, strip_hop_by_hop},
     inspect::{Inspector, Located, RequestInspection, EXCERPT_BYTES, MAX_INSPECT_BYTES},
+    tunnel::{self, Connected, TunnelRequest},
     upstream::{Upstream, UpstreamFailure},
 };
 use crate::{
@@ -65,6 +66,10 @@ pub struct ConnContext {
     pub approvals: Arc<Approvals>,
     /// Credentials injected into requests on their way out.
     pub secrets: Arc<Secrets>,
+    /// TLS settings, for connections inside a CONNECT tunnel.
+    pub inspect: Arc<crate::intercept::listener::InspectSettings>,
+    /// `SO_MARK` for new upstream sockets (a tunnel's).
+    pub mark: u32,
 }
 
 /// Serves HTTP on a client connection until it closes.
@@ -376,21 +381,20 @@ async fn handle(
         return json_response(StatusCode::FORBIDDEN, body);
     }
 
-    // 6. Forward.
+    // 6. Forward. A CONNECT to a proxy opens a tunnel through it, and
+    // what goes through the tunnel is inspected in turn.
+    if parts.method == Method::CONNECT && parts.version <= Version::HTTP_11 {
+        return connect_tunnel(&ctx, parts, ev, rec, started, &upgrades, stopped).await;
+    }
     let upstream = match &ctx.upstream {
         Ok(u) => Arc::clone(u),
         Err(fail) => {
-            ev.verdict = Verdict::Error;
-            ev.error = Some(fail.reason.clone());
-            rec.status = Some(502);
-            name_event(&ctx, &mut ev);
-            let body = json!({
-                "error": if fail.tls { "upstream TLS failed" } else { "upstream unreachable" },
-                "problem": fail.reason,
-                "event_id": ev.id,
-            });
-            finish(&ctx, ev, rec, started);
-            return json_response(StatusCode::BAD_GATEWAY, body);
+            let error = if fail.tls {
+                "upstream TLS failed"
+            } else {
+                "upstream unreachable"
+            };
+            return bad_gateway(&ctx, ev, rec, started, fail, error);
         }
     };
     // Bytes of a request body beyond the inspection limit, streamed on.
@@ -431,16 +435,7 @@ async fn handle(
 
     let resp = match upstream.send(up_req).await {
         Ok(r) => r,
-        Err(fail) => {
-            ev.verdict = Verdict::Error;
-            ev.error = Some(fail.reason.clone());
-            rec.status = Some(502);
-            name_event(&ctx, &mut ev);
-            let body =
-                json!({"error": "upstream failed", "problem": fail.reason, "event_id": ev.id});
-            finish(&ctx, ev, rec, started);
-            return json_response(StatusCode::BAD_GATEWAY, body);
-        }
+        Err(fail) => return bad_gateway(&ctx, ev, rec, started, &fail, "upstream failed"),
     };
     let mut resp = resp;
     rec.ttfb_ms = Some(ms(started));
@@ -509,6 +504,73 @@ async fn handle(
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
+}
+
+/// A 502 naming why the upstream failed (`error`, then the problem), and
+/// its event.
+fn bad_gateway(
+    ctx: &ConnContext,
+    mut ev: Event,
+    mut rec: HttpRecord,
+    started: Instant,
+    fail: &UpstreamFailure,
+    error: &str,
+) -> Response<PipeBody> {
+    ev.verdict = Verdict::Error;
+    ev.error = Some(fail.reason.clone());
+    rec.status = Some(502);
+    name_event(ctx, &mut ev);
+    let body = json!({"error": error, "problem": fail.reason, "event_id": ev.id});
+    finish(ctx, ev, rec, started);
+    json_response(StatusCode::BAD_GATEWAY, body)
+}
+
+/// Step 6 for a CONNECT: opens the tunnel through the proxy and answers
+/// the client with the proxy's answer (see [`super::tunnel`]). The CONNECT's
+/// event is recorded once the answer is known; requests inside the tunnel
+/// get events of their own.
+async fn connect_tunnel(
+    ctx: &Arc<ConnContext>,
+    mut parts: http::request::Parts,
+    mut ev: Event,
+    mut rec: HttpRecord,
+    started: Instant,
+    upgrades: &Upgrades,
+    stopped: tokio::sync::watch::Receiver<()>,
+) -> Response<PipeBody> {
+    let Some(request) = TunnelRequest::new(&parts) else {
+        ev.verdict = Verdict::Error;
+        ev.error = Some("CONNECT without a host:port target".into());
+        rec.status = Some(400);
+        finish(ctx, ev, rec, started);
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "CONNECT needs a host:port target"}),
+        );
+    };
+    let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let (mut head, body) = match tunnel::connect(ctx, request, client_side, stopped).await {
+        Ok(Connected::Tunnel { head, task }) => {
+            upgrades
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+            (head, Bytes::new())
+        }
+        Ok(Connected::Refused { head, body }) => (head, body),
+        Err(fail) => return bad_gateway(ctx, ev, rec, started, &fail, "proxy tunnel failed"),
+    };
+    rec.ttfb_ms = Some(ms(started));
+    rec.status = Some(head.status.as_u16());
+    rec.response_headers = record_headers(&head.headers, &ctx.inspector.key, |n, v| {
+        ctx.inspector.mask_header_for_record(n, v)
+    });
+    rec.response_bytes = body.len() as u64;
+    rec.response_excerpt = ctx.inspector.excerpt(&body);
+    strip_hop_by_hop(&mut head.headers, false);
+    finish(ctx, ev, rec, started);
+    Response::from_parts(head, full(body))
 }
 
 /// The destination name credentials may be injected for: one the agent

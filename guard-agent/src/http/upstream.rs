@@ -11,7 +11,8 @@
 //!
 //! Requests on HTTP/1.1 are sent one at a time, as the client sends them;
 //! when the upstream closes a keep-alive connection, the next request opens
-//! a new one. HTTP/2 requests are multiplexed on one connection.
+//! a new one (inside a CONNECT tunnel: a new tunnel through the same proxy).
+//! HTTP/2 requests are multiplexed on one connection.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -47,6 +48,10 @@ pub struct UpstreamTarget {
     pub tls: Option<(Arc<UpstreamTls>, ServerName<'static>)>,
     /// ALPN to offer the upstream (the client's list).
     pub alpn: Vec<String>,
+    /// The client's tunnel through an explicit proxy at `addr`: a new
+    /// connection to the upstream is a new connection to the proxy and a
+    /// CONNECT on it (see [`super::tunnel`]).
+    pub tunnel: Option<Arc<super::tunnel::TunnelRequest>>,
 }
 
 enum Sender {
@@ -142,12 +147,15 @@ impl Upstream {
     }
 
     async fn reconnect(&self) -> Result<Sender, UpstreamFailure> {
-        let tcp = connect_tcp(self.target.addr, self.target.mark)
+        let mut tcp = connect_tcp(self.target.addr, self.target.mark)
             .await
             .map_err(|e| UpstreamFailure {
                 reason: describe_connect_error(&e),
                 tls: false,
             })?;
+        if let Some(tunnel) = &self.target.tunnel {
+            tcp = tunnel.reopen(tcp).await?;
+        }
         Ok(handshake(&self.target, tcp).await?.sender)
     }
 

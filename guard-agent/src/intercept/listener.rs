@@ -329,6 +329,7 @@ async fn carry(
                 mark: ctx.mark,
                 tls: None,
                 alpn: Vec::new(),
+                tunnel: None,
             };
             let upstream = Upstream::start(target, up).await.map(Arc::new);
             let conn = conn_context(ctx, ev, dst, None, "http", upstream, facts);
@@ -433,6 +434,8 @@ fn conn_context(
         facts,
         approvals: Arc::clone(&ctx.approvals),
         secrets: ctx.secrets.load_full(),
+        inspect: Arc::clone(&ctx.inspect),
+        mark: ctx.mark,
     })
 }
 
@@ -449,20 +452,99 @@ async fn inspect_tls(
     hello: ClientHelloInfo,
     counts: &Arc<ByteCounts>,
 ) -> Option<String> {
-    let settings = &ctx.inspect;
+    let name = server_name(hello.sni.as_deref(), dst.ip());
+    let client = CountingIo::new(client, Arc::clone(counts));
+    let upstream_via = UpstreamVia {
+        addr: dst,
+        mark: ctx.mark,
+        tunnel: None,
+    };
+    match terminate_tls(
+        &ctx.inspect,
+        client,
+        up,
+        upstream_via,
+        &hello,
+        name,
+        Some(dst.ip()),
+    )
+    .await
+    {
+        Err(TlsFailed::Mint { error, client }) => {
+            reset(client.into_inner());
+            Some(error)
+        }
+        Err(TlsFailed::Handshake { error, record }) => {
+            ev.verdict = Verdict::Error;
+            ev.tls = Some(record);
+            Some(error)
+        }
+        Ok(t) => {
+            ev.tls = Some(t.record);
+            if let Err(f) = &t.upstream {
+                ev.verdict = Verdict::Error;
+                ev.error = Some(f.reason.clone());
+            }
+            let conn = conn_context(ctx, ev, dst, hello.sni, "https", t.upstream, facts);
+            pipeline::serve(t.tls, conn).await.err()
+        }
+    }
+}
+
+/// Where an inspected connection's upstream is: the original destination,
+/// or a tunnel through the proxy there.
+pub struct UpstreamVia {
+    pub addr: SocketAddr,
+    pub mark: u32,
+    pub tunnel: Option<Arc<crate::http::tunnel::TunnelRequest>>,
+}
+
+/// A client's TLS, terminated, and the upstream it is relayed to.
+pub struct Terminated<IO> {
+    pub tls: tokio_rustls::server::TlsStream<IO>,
+    pub record: TlsRecord,
+    /// The upstream, or why it failed (then every request gets a 502).
+    pub upstream: Result<Arc<Upstream>, UpstreamFailure>,
+}
+
+/// Why a client's TLS was not terminated.
+pub enum TlsFailed<IO> {
+    /// No certificate could be minted; the client is handed back unanswered.
+    Mint { error: String, client: IO },
+    /// The client's handshake failed (it does not trust the Guard CA, ...).
+    Handshake { error: String, record: TlsRecord },
+}
+
+/// The TLS handshakes of an inspected connection: first with the upstream
+/// over `up` (verified for `name`, offering the ALPN the client offered),
+/// then with the client, offered what the upstream chose and a leaf for its
+/// SNI (or `leaf_ip` when it sent none).
+pub async fn terminate_tls<IO>(
+    settings: &InspectSettings,
+    client: IO,
+    up: TcpStream,
+    via: UpstreamVia,
+    hello: &ClientHelloInfo,
+    name: Result<rustls::pki_types::ServerName<'static>, crate::tls::upstream::UpstreamError>,
+    leaf_ip: Option<std::net::IpAddr>,
+) -> Result<Terminated<IO>, TlsFailed<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let offered: Vec<String> = hello
         .alpn
         .iter()
         .filter(|p| *p == "h2" || *p == "http/1.1")
         .cloned()
         .collect();
-    let upstream = match server_name(hello.sni.as_deref(), dst.ip()) {
+    let upstream = match name {
         Ok(name) => {
             let target = UpstreamTarget {
-                addr: dst,
-                mark: ctx.mark,
+                addr: via.addr,
+                mark: via.mark,
                 tls: Some((Arc::clone(&settings.upstream_tls), name)),
                 alpn: offered.clone(),
+                tunnel: via.tunnel,
             };
             Upstream::start(target, up).await.map(Arc::new)
         }
@@ -476,29 +558,29 @@ async fn inspect_tls(
         Some(p) => vec![p],
         None => offered.into_iter().filter(|p| p == "http/1.1").collect(),
     };
-    let config = match settings.leaves.server_config(&client_alpn, Some(dst.ip())) {
+    let config = match settings.leaves.server_config(&client_alpn, leaf_ip) {
         Ok(c) => c,
         Err(e) => {
-            reset(client);
-            return Some(format!("cannot mint a certificate: {e}"));
+            return Err(TlsFailed::Mint {
+                error: format!("cannot mint a certificate: {e}"),
+                client,
+            })
         }
     };
-    let tls = match tokio_rustls::TlsAcceptor::from(config)
-        .accept(CountingIo::new(client, Arc::clone(counts)))
-        .await
-    {
+    let tls = match tokio_rustls::TlsAcceptor::from(config).accept(client).await {
         Ok(t) => t,
         Err(e) => {
-            ev.verdict = Verdict::Error;
-            ev.tls = Some(TlsRecord {
-                sni: hello.sni.clone(),
-                upstream_alpn: upstream.as_ref().ok().and_then(|u| u.alpn.clone()),
-                ..Default::default()
-            });
-            return Some(format!(
-                "the client rejected the TLS handshake: {} (does it trust the Guard CA? `guard-agent ca export`)",
-                describe_io_error(&e)
-            ));
+            return Err(TlsFailed::Handshake {
+                error: format!(
+                    "the client rejected the TLS handshake: {} (does it trust the Guard CA? `guard-agent ca export`)",
+                    describe_io_error(&e)
+                ),
+                record: TlsRecord {
+                    sni: hello.sni.clone(),
+                    upstream_alpn: upstream.as_ref().ok().and_then(|u| u.alpn.clone()),
+                    ..Default::default()
+                },
+            })
         }
     };
     let (_, session) = tls.get_ref();
@@ -512,11 +594,9 @@ async fn inspect_tls(
         upstream_version: upstream.as_ref().ok().and_then(|u| u.tls_version.clone()),
         passthrough: false,
     };
-    ev.tls = Some(record);
-    if let Err(f) = &upstream {
-        ev.verdict = Verdict::Error;
-        ev.error = Some(f.reason.clone());
-    }
-    let conn = conn_context(ctx, ev, dst, hello.sni, "https", upstream, facts);
-    pipeline::serve(tls, conn).await.err()
+    Ok(Terminated {
+        tls,
+        record,
+        upstream,
+    })
 }

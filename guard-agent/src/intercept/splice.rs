@@ -44,6 +44,11 @@ impl<S> CountingIo<S> {
     pub fn new(inner: S, counts: Arc<ByteCounts>) -> Self {
         Self { inner, counts }
     }
+
+    /// The stream, no longer counted.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for CountingIo<S> {

@@ -1,0 +1,501 @@
+//! CONNECT through an explicit HTTP proxy (`HTTPS_PROXY=http://proxy:3128`
+//! on a corporate network or a CI runner): the client's connection to the
+//! proxy is redirected like any other, and its `CONNECT host:port` asks the
+//! proxy for a tunnel. Guard opens that tunnel itself, on a connection of
+//! its own to the same proxy, answers the client with the proxy's answer,
+//! and then treats what the client sends inside the tunnel as a connection
+//! of its own to `host:port`: TLS is terminated (a leaf for the SNI, or for
+//! the CONNECT host) and every request goes through the pipeline and gets
+//! its event, exactly as without a proxy; plaintext HTTP likewise; anything
+//! else is carried through and counted.
+//!
+//! Events: the CONNECT itself is one HTTP event (method CONNECT, host and
+//! port of the target, the proxy's status); requests inside carry the same
+//! connection id. The connection event counts all bytes, tunnel included.
+//!
+//! Never: send the proxy anything before the policy decided on the CONNECT,
+//! or let a tunnel carry bytes Guard did not classify first. A proxy that
+//! refuses (407 Proxy Authentication Required, 403) has its answer passed to
+//! the client as it is; a proxy that sends bytes before the client spoke
+//! inside the tunnel is treated as a failure, never skipped over.
+
+use std::{
+    io,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf, Bytes};
+use http::{request, HeaderMap, Method, Request, Response};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{body::Incoming, upgrade::OnUpgrade};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+use super::{
+    pipeline::{self, ConnContext},
+    upstream::{Upstream, UpstreamFailure, UpstreamTarget},
+};
+use crate::{
+    intercept::{
+        connect::{connect_tcp, describe_connect_error, CONNECT_TIMEOUT},
+        listener::{terminate_tls, TlsFailed, UpstreamVia},
+        sniff::{classify, Sniff, MAX_SNIFF_BYTES},
+    },
+    store::Verdict,
+};
+
+/// How long the client may stay silent inside a new tunnel; the upstream
+/// speaking first ends the wait at once.
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(120);
+/// The most of a refusal's body (a 407 page) passed on to the client.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// What Guard sends a proxy to open a tunnel: the client's CONNECT target
+/// and headers (`Proxy-Authorization` included: they are the proxy's), kept
+/// to open another tunnel when the upstream inside closes a keep-alive
+/// connection.
+#[derive(Debug)]
+pub struct TunnelRequest {
+    /// `host:port`, as the client asked.
+    pub authority: String,
+    headers: HeaderMap,
+}
+
+/// The proxy's answer to a CONNECT.
+pub enum Opened {
+    /// 2xx: `stream` is the tunnel (the proxy's connection), `head` the
+    /// proxy's response head.
+    Established {
+        stream: TcpStream,
+        head: http::response::Parts,
+    },
+    /// Anything else, to be passed to the client as it is.
+    Refused(Response<Incoming>),
+}
+
+impl TunnelRequest {
+    /// The tunnel a CONNECT request asks for; None when its target is not
+    /// `host:port`.
+    pub fn new(parts: &request::Parts) -> Option<Self> {
+        let authority = parts.uri.authority()?;
+        authority.port_u16()?;
+        Some(Self {
+            authority: authority.as_str().to_owned(),
+            headers: parts.headers.clone(),
+        })
+    }
+
+    /// The host of the target (an IP address without brackets).
+    pub fn host(&self) -> &str {
+        self.authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+    }
+
+    /// Sends the CONNECT on `tcp`, a new connection to the proxy, and reads
+    /// the proxy's answer.
+    pub async fn open(&self, tcp: TcpStream) -> Result<Opened, UpstreamFailure> {
+        let fail = |reason: String| UpstreamFailure { reason, tls: false };
+        let exchange = async {
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| fail(format!("proxy handshake failed: {e}")))?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            let mut req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(self.authority.as_str())
+                .body(Empty::new())
+                .map_err(|e| fail(format!("invalid CONNECT target: {e}")))?;
+            *req.headers_mut() = self.headers.clone();
+            let mut resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| fail(format!("the proxy did not answer the CONNECT: {e}")))?;
+            if !resp.status().is_success() {
+                return Ok(Opened::Refused(resp));
+            }
+            let upgraded = hyper::upgrade::on(&mut resp)
+                .await
+                .map_err(|e| fail(format!("the proxy's tunnel failed: {e}")))?;
+            let parts = upgraded
+                .downcast::<TokioIo<TcpStream>>()
+                .map_err(|_| fail("the proxy's tunnel is not a TCP stream".into()))?;
+            if !parts.read_buf.is_empty() {
+                return Err(fail(format!(
+                    "the proxy sent {} bytes into the tunnel before the client spoke",
+                    parts.read_buf.len()
+                )));
+            }
+            let (head, _) = resp.into_parts();
+            Ok(Opened::Established {
+                stream: parts.io.into_inner(),
+                head,
+            })
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, exchange)
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "the proxy did not answer the CONNECT within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
+    }
+
+    /// A tunnel for a new upstream connection: [`Self::open`], where only
+    /// an established tunnel will do.
+    pub async fn reopen(&self, tcp: TcpStream) -> Result<TcpStream, UpstreamFailure> {
+        match self.open(tcp).await? {
+            Opened::Established { stream, .. } => Ok(stream),
+            Opened::Refused(resp) => Err(UpstreamFailure {
+                reason: format!(
+                    "the proxy refused a new tunnel to {}: {}",
+                    self.authority,
+                    resp.status()
+                ),
+                tls: false,
+            }),
+        }
+    }
+}
+
+/// The outcome of a CONNECT for the pipeline.
+pub enum Connected {
+    /// Answer the client with `head` and carry the tunnel (the task is
+    /// started; the caller keeps its handle with the connection's other
+    /// upgraded sessions).
+    Tunnel {
+        head: http::response::Parts,
+        task: tokio::task::JoinHandle<()>,
+    },
+    /// The proxy's refusal, its body read (bounded), for the client.
+    Refused {
+        head: http::response::Parts,
+        body: Bytes,
+    },
+}
+
+/// Opens the tunnel a CONNECT asked for, on a new connection to the proxy
+/// (the connection's original destination). On success the tunnel's task
+/// waits for the client's side of the upgrade, which hyper hands over once
+/// the answer has gone out.
+pub async fn connect(
+    ctx: &Arc<ConnContext>,
+    tunnel: TunnelRequest,
+    client_side: Option<OnUpgrade>,
+    stopped: tokio::sync::watch::Receiver<()>,
+) -> Result<Connected, UpstreamFailure> {
+    let tcp = connect_tcp(ctx.dst, ctx.mark)
+        .await
+        .map_err(|e| UpstreamFailure {
+            reason: describe_connect_error(&e),
+            tls: false,
+        })?;
+    let (stream, head) = match tunnel.open(tcp).await? {
+        Opened::Established { stream, head } => (stream, head),
+        Opened::Refused(resp) => {
+            let (head, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_REFUSAL_BODY)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Ok(Connected::Refused { head, body });
+        }
+    };
+    let Some(client_side) = client_side else {
+        return Err(UpstreamFailure {
+            reason: "the client's connection cannot be upgraded to a tunnel".into(),
+            tls: false,
+        });
+    };
+    let ctx = Arc::clone(ctx);
+    let task = tokio::spawn(async move {
+        let mut stopped = stopped;
+        tokio::select! {
+            () = carry(ctx, tunnel, client_side, stream) => {}
+            _ = stopped.changed() => {}
+        }
+    });
+    Ok(Connected::Tunnel { head, task })
+}
+
+/// Carries one tunnel: finds out what the client speaks inside it, then
+/// inspects (TLS or plaintext HTTP/1) or copies. Boxed: a request inside
+/// the tunnel could be a CONNECT again, and the pipeline serving it calls
+/// back here.
+fn carry(
+    ctx: Arc<ConnContext>,
+    tunnel: TunnelRequest,
+    client: OnUpgrade,
+    up: TcpStream,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(carry_inner(ctx, tunnel, client, up))
+}
+
+async fn carry_inner(
+    ctx: Arc<ConnContext>,
+    tunnel: TunnelRequest,
+    client: OnUpgrade,
+    up: TcpStream,
+) {
+    let started = Instant::now();
+    let client = match client.await {
+        Ok(c) => TokioIo::new(c),
+        Err(e) => {
+            tracing::debug!("the client side of a CONNECT tunnel failed: {e}");
+            return;
+        }
+    };
+    let (client, sniff) = match sniff(client, &up).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!("reading from the client inside a CONNECT tunnel failed: {e}");
+            return;
+        }
+    };
+    let tunnel = Arc::new(tunnel);
+    let via = || UpstreamVia {
+        addr: ctx.dst,
+        mark: ctx.mark,
+        tunnel: Some(Arc::clone(&tunnel)),
+    };
+    let settings = Arc::clone(&ctx.inspect);
+    let host = tunnel.host().to_ascii_lowercase();
+    let outcome = match sniff {
+        Sniff::Tls(hello)
+            if settings.inspect_tls
+                && !hello
+                    .sni
+                    .as_deref()
+                    .is_some_and(|s| settings.passthrough.is_match(s)) =>
+        {
+            let name = hello.sni.clone().unwrap_or_else(|| host.clone());
+            let server = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| crate::tls::upstream::UpstreamError::InvalidServerName(name));
+            let leaf_ip = host.parse::<IpAddr>().ok();
+            match terminate_tls(&settings, client, up, via(), &hello, server, leaf_ip).await {
+                Err(TlsFailed::Mint { error, .. }) | Err(TlsFailed::Handshake { error, .. }) => {
+                    Err(error)
+                }
+                Ok(t) => {
+                    let mut template = ctx.template.clone();
+                    template.host = Some(hello.sni.clone().unwrap_or_else(|| host.clone()));
+                    template.tls = Some(t.record);
+                    if let Err(f) = &t.upstream {
+                        template.verdict = Verdict::Error;
+                        template.error = Some(f.reason.clone());
+                    }
+                    let inner = inner_context(
+                        &ctx,
+                        template,
+                        hello.sni.or(Some(host)),
+                        "https",
+                        t.upstream,
+                    );
+                    pipeline::serve(t.tls, inner).await
+                }
+            }
+        }
+        Sniff::Http1(_) => {
+            let target = UpstreamTarget {
+                addr: ctx.dst,
+                mark: ctx.mark,
+                tls: None,
+                alpn: Vec::new(),
+                tunnel: Some(Arc::clone(&tunnel)),
+            };
+            let upstream = Upstream::start(target, up).await.map(Arc::new);
+            let mut template = ctx.template.clone();
+            template.host = Some(host);
+            let inner = inner_context(&ctx, template, None, "http", upstream);
+            pipeline::serve(client, inner).await
+        }
+        _ => {
+            let (mut client, mut up) = (client, up);
+            tokio::io::copy_bidirectional(&mut client, &mut up)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = outcome {
+        tracing::debug!(
+            target = tunnel.authority.as_str(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "a CONNECT tunnel ended with an error: {e}"
+        );
+    }
+}
+
+/// The pipeline context of the connection inside a tunnel: the outer one's
+/// attribution, policy and settings, with the tunnel's own TLS, name and
+/// upstream.
+fn inner_context(
+    outer: &ConnContext,
+    template: crate::store::Event,
+    sni: Option<String>,
+    scheme: &'static str,
+    upstream: Result<Arc<Upstream>, UpstreamFailure>,
+) -> Arc<ConnContext> {
+    let mut facts = outer.facts.clone();
+    facts.dest_host = template.host.clone();
+    Arc::new(ConnContext {
+        template,
+        dst: outer.dst,
+        sni,
+        scheme,
+        upstream,
+        policy: Arc::clone(&outer.policy),
+        inspector: Arc::clone(&outer.inspector),
+        sink: outer.sink.clone(),
+        facts,
+        approvals: Arc::clone(&outer.approvals),
+        secrets: Arc::clone(&outer.secrets),
+        inspect: Arc::clone(&outer.inspect),
+        mark: outer.mark,
+    })
+}
+
+/// Reads what the client sends first inside the tunnel until [`classify`]
+/// can tell what it is (or the upstream speaks first: opaque); returns the
+/// client with those bytes put back in front.
+async fn sniff<IO>(mut client: IO, up: &TcpStream) -> io::Result<(Prefixed<IO>, Sniff)>
+where
+    IO: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let sniff = loop {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(deadline, client.read(&mut chunk)) => match r {
+                Ok(r) => r?,
+                Err(_) => break Sniff::Opaque,
+            },
+            _ = up.readable() => break Sniff::Opaque,
+        };
+        if n == 0 {
+            break Sniff::Opaque;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match classify(&buf) {
+            Sniff::NeedMore if buf.len() < MAX_SNIFF_BYTES => continue,
+            Sniff::NeedMore => break Sniff::Opaque,
+            other => break other,
+        }
+    };
+    Ok((
+        Prefixed {
+            prefix: Bytes::from(buf),
+            io: client,
+        },
+        sniff,
+    ))
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+pub struct Prefixed<IO> {
+    prefix: Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_prefixed_stream_reads_its_prefix_then_the_rest() {
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b" world")
+            .await
+            .unwrap();
+        drop(a);
+        let mut p = Prefixed {
+            prefix: Bytes::from_static(b"hello"),
+            io: b,
+        };
+        let mut out = String::new();
+        p.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+
+    #[test]
+    fn a_tunnel_request_takes_the_connect_target_and_its_host() {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("api.test:8443")
+            .header("proxy-authorization", "Basic eDp5")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let t = TunnelRequest::new(&parts).unwrap();
+        assert_eq!(t.authority, "api.test:8443");
+        assert_eq!(t.host(), "api.test");
+        assert_eq!(t.headers["proxy-authorization"], "Basic eDp5");
+
+        let v6 = Request::builder()
+            .method(Method::CONNECT)
+            .uri("[::1]:443")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert_eq!(TunnelRequest::new(&v6).unwrap().host(), "::1");
+
+        let no_port = Request::builder()
+            .method(Method::CONNECT)
+            .uri("api.test")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert!(TunnelRequest::new(&no_port).is_none());
+    }
+}
