@@ -1070,6 +1070,26 @@ fn https_through_an_explicit_proxy_is_inspected_inside_its_connect_tunnel() {
     assert_eq!(body["path"], "/v1/tunnel", "{body:#}");
     assert_eq!(body["host"], format!("api.test:{port}"));
 
+    // The server closes its connection after a response: the agent opens a
+    // new tunnel for the next request, and the client keeps its connection.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http1.1",
+        "--proxy",
+        &proxy_url,
+        "-w",
+        "\n",
+        &format!("https://api.test:{port}/close/first"),
+        &format!("https://api.test:{port}/close/second"),
+    ]));
+    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["path"].to_string())
+        .collect();
+    assert_eq!(paths, ["\"/close/first\"", "\"/close/second\""]);
+
     // python3 urllib through HTTPS_PROXY, a secret in the body: the
     // default policy masks it inside the tunnel as anywhere else.
     let py = format!(
@@ -1118,9 +1138,41 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     assert_eq!(blocked[0]["http"]["host"], "paste.test");
     assert_eq!(blocked[0]["policy"]["rule"], "no-tunnels-to-paste-sites");
 
-    // The proxy saw two tunnels to api.test, with the client's own headers.
+    // A proxy spoken to over TLS (an https:// proxy URL): its TLS is
+    // terminated, and a CONNECT inside is refused with a 502 that says why.
+    let out = agent
+        .exec("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy-insecure",
+            "--proxy",
+            &format!("https://{}", proxy.addr),
+            &format!("https://api.test:{port}/over-tls-proxy"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("502"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = agent.wait_events(&["--http", "--verdict", "error"], 1);
+    assert_eq!(refused[0]["http"]["method"], "CONNECT", "{refused:#?}");
+    assert!(
+        refused[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("only on plaintext HTTP/1.1")),
+        "{refused:#?}"
+    );
+
+    // The proxy saw four tunnels to api.test (one for each client
+    // connection, and one more when the server closed), with the client's
+    // own headers.
     let connects = proxy.connects();
-    assert_eq!(connects.len(), 2, "{connects:#?}");
+    assert_eq!(connects.len(), 4, "{connects:#?}");
     for head in &connects {
         assert!(
             head.starts_with(&format!("CONNECT api.test:{port} HTTP/1.1\r\n")),
@@ -1132,20 +1184,26 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         "the proxy credentials did not reach the proxy: {}",
         connects[0]
     );
-    assert_eq!(server.requests().len(), 2);
+    assert_eq!(server.requests().len(), 4);
+    assert_eq!(server.connections(), 4);
 
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.
     let proxy_dst = proxy.addr.to_string();
-    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 3);
+    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 6);
     let masked = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "mask"], 1);
     let events: Vec<Value> = events.into_iter().chain(masked).collect();
-    assert_eq!(events.len(), 4, "{events:#?}");
+    assert_eq!(events.len(), 7, "{events:#?}");
     let tunnels: Vec<&Value> = events
         .iter()
         .filter(|e| e["http"]["method"] == "CONNECT")
         .collect();
-    assert_eq!(tunnels.len(), 2, "{events:#?}");
+    assert_eq!(tunnels.len(), 3, "{events:#?}");
+    assert_eq!(
+        by_path(&events, "/close/first")["conn_id"],
+        by_path(&events, "/close/second")["conn_id"],
+        "the client kept its connection"
+    );
     for t in &tunnels {
         assert_eq!(t["http"]["host"], "api.test", "{t:#}");
         assert_eq!(t["http"]["status"], 200, "{t:#}");

@@ -286,6 +286,10 @@ impl ConnectProxy {
             if client.read(&mut byte)? == 0 || head.len() > 16 * 1024 {
                 return Ok(());
             }
+            if head.is_empty() && !byte[0].is_ascii_alphabetic() {
+                // Not HTTP (a TLS ClientHello): this proxy speaks plaintext.
+                return Ok(());
+            }
             head.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&head).into_owned();

@@ -8,6 +8,8 @@
 //!   repeated, streamed;
 //! - `/ws` with `Upgrade: websocket`: a WebSocket echo (text and binary
 //!   frames come back unmasked, a close frame is answered and ends it);
+//! - paths starting `/close`: as below, then (HTTP/1.1) the server closes
+//!   the connection (`Connection: close`);
 //! - anything else: the request body is streamed through SHA-256 and the
 //!   answer is a JSON object with `method`, `path`, `query`, `version`,
 //!   `host`, `alpn`, `body_len`, `body_sha256`.
@@ -413,12 +415,15 @@ async fn handle(
         "body_sha256": sha,
     });
     let bytes = serde_json::to_vec(&json).unwrap();
-    Response::builder()
+    let mut resp = Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, bytes.len())
-        .header("x-test-server", "tls")
-        .body(full(bytes))
-        .unwrap()
+        .header("x-test-server", "tls");
+    if path.starts_with("/close") {
+        // HTTP/1.1: this connection ends after the response.
+        resp = resp.header(header::CONNECTION, "close");
+    }
+    resp.body(full(bytes)).unwrap()
 }
 
 /// Streams `len` bytes of the repeated pattern block, 1 MiB per frame.

@@ -383,7 +383,7 @@ async fn handle(
 
     // 6. Forward. A CONNECT to a proxy opens a tunnel through it, and
     // what goes through the tunnel is inspected in turn.
-    if parts.method == Method::CONNECT && parts.version <= Version::HTTP_11 {
+    if parts.method == Method::CONNECT {
         return connect_tunnel(&ctx, parts, ev, rec, started, &upgrades, stopped).await;
     }
     let upstream = match &ctx.upstream {
@@ -538,6 +538,15 @@ async fn connect_tunnel(
     upgrades: &Upgrades,
     stopped: tokio::sync::watch::Receiver<()>,
 ) -> Response<PipeBody> {
+    if ctx.scheme != "http" || parts.version > Version::HTTP_11 {
+        let fail = UpstreamFailure {
+            reason: "Guard looks into CONNECT tunnels only on plaintext HTTP/1.1 connections to a \
+                     proxy (an http:// proxy URL); this one is TLS or HTTP/2"
+                .into(),
+            tls: false,
+        };
+        return bad_gateway(ctx, ev, rec, started, &fail, "proxy tunnel not supported");
+    }
     let Some(request) = TunnelRequest::new(&parts) else {
         ev.verdict = Verdict::Error;
         ev.error = Some("CONNECT without a host:port target".into());
