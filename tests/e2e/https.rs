@@ -1003,6 +1003,26 @@ fn ca_export_prints_the_certificate_the_agent_signs_with_and_never_its_key() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// Runs curl in `agent`'s exec cgroup with `--proxy` and `proxy` (extra
+/// options first, the proxy URL last) and checks that it fails because its
+/// CONNECT was answered with `status`.
+fn curl_connect_refused(agent: &Agent, proxy: &[&str], url: &str, status: &str) {
+    let (url_of_proxy, options) = proxy.split_last().unwrap();
+    let out = agent
+        .exec("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(options)
+        .args(["--proxy", url_of_proxy, url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("CONNECT tunnel failed, response {status}")),
+        "{stderr}"
+    );
+}
+
 /// An AWS access key id (the default policy masks it anywhere but AWS).
 const AWS_KEY: &str = "AKIAZ7QK3MXWB4PLR2TD";
 
@@ -1115,23 +1135,11 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     );
 
     // A tunnel the policy forbids is never asked of the proxy.
-    let out = agent
-        .exec("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "--proxy",
-            &proxy_url,
-            &format!("https://paste.test:{port}/new"),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("403"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    curl_connect_refused(
+        &agent,
+        &[&proxy_url],
+        &format!("https://paste.test:{port}/new"),
+        "403",
     );
     let blocked = agent.wait_events(&["--http", "--verdict", "block"], 1);
     assert_eq!(blocked[0]["http"]["method"], "CONNECT", "{blocked:#?}");
@@ -1140,24 +1148,11 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
 
     // A proxy spoken to over TLS (an https:// proxy URL): its TLS is
     // terminated, and a CONNECT inside is refused with a 502 that says why.
-    let out = agent
-        .exec("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "--proxy-insecure",
-            "--proxy",
-            &format!("https://{}", proxy.addr),
-            &format!("https://api.test:{port}/over-tls-proxy"),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("502"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    curl_connect_refused(
+        &agent,
+        &["--proxy-insecure", &format!("https://{}", proxy.addr)],
+        &format!("https://api.test:{port}/over-tls-proxy"),
+        "502",
     );
     let refused = agent.wait_events(&["--http", "--verdict", "error"], 1);
     assert_eq!(refused[0]["http"]["method"], "CONNECT", "{refused:#?}");
