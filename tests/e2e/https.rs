@@ -1201,6 +1201,7 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     );
     for t in &tunnels {
         assert_eq!(t["http"]["host"], "api.test", "{t:#}");
+        assert_eq!(t["http"]["path"], format!("api.test:{port}"), "{t:#}");
         assert_eq!(t["http"]["status"], 200, "{t:#}");
         assert_eq!(t["http"]["scheme"], "http", "{t:#}");
         assert_eq!(str_field(t, "verdict"), "allow");
@@ -1234,6 +1235,15 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
             "no CONNECT event on the connection of {inner:#}"
         );
     }
+    // `events show` prints the CONNECT as curl -v would.
+    let show = agent.cli(&["events", "show", &tunnels[0]["id"].to_string()]);
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains(&format!("> CONNECT api.test:{port} HTTP/1.1")),
+        "{show}"
+    );
+    assert!(show.contains("< HTTP/1.1 200"), "{show}");
+
     let all = serde_json::to_string(&agent.events(&[])).unwrap();
     assert!(
         !all.contains(AWS_KEY),

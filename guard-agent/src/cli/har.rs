@@ -176,8 +176,12 @@ fn header<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// `scheme://host[:port]/path[?query]`; the port only when it is not the
-/// scheme's default.
+/// scheme's default. A CONNECT: `scheme://host:port` of its target.
 pub fn url_of(h: &HttpRecord, dst: Option<&str>) -> String {
+    if h.method == "CONNECT" {
+        // The path is the tunnel's target, `host:port`.
+        return format!("{}://{}", h.scheme, h.path);
+    }
     let port = dst
         .and_then(|d| d.parse::<SocketAddr>().ok())
         .map(|a| a.port());
@@ -433,5 +437,15 @@ mod tests {
             url_of(&h, Some("[::1]:8443")),
             "https://[::1]:8443/v1/items"
         );
+    }
+
+    #[test]
+    fn a_connect_is_its_target() {
+        let mut h = request("http", "127.0.0.2:3128", Some(200)).http.unwrap();
+        h.method = "CONNECT".into();
+        h.host = "api.test".into();
+        h.path = "api.test:8443".into();
+        h.query = None;
+        assert_eq!(url_of(&h, Some("127.0.0.2:3128")), "http://api.test:8443");
     }
 }

@@ -219,7 +219,12 @@ async fn handle(
         method: req.method().to_string(),
         scheme: ctx.scheme.to_owned(),
         host: claimed_host,
-        path: req.uri().path().to_owned(),
+        // A CONNECT's target is `host:port`, recorded as its path (what
+        // `events show` prints after the method, as curl -v does).
+        path: match (req.method(), req.uri().authority()) {
+            (&Method::CONNECT, Some(a)) => a.as_str().to_owned(),
+            _ => req.uri().path().to_owned(),
+        },
         query: req.uri().query().map(str::to_owned),
         version: version_str(req.version()).to_owned(),
         ..Default::default()
