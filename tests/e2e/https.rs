@@ -1166,7 +1166,11 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     // The proxy saw four tunnels to api.test (one for each client
     // connection, and one more when the server closed), with the client's
     // own headers.
-    let connects = proxy.connects();
+    let connects: Vec<String> = proxy
+        .heads()
+        .into_iter()
+        .filter(|h| h.starts_with("CONNECT "))
+        .collect();
     assert_eq!(connects.len(), 4, "{connects:#?}");
     for head in &connects {
         assert!(
@@ -1235,6 +1239,34 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
             "no CONNECT event on the connection of {inner:#}"
         );
     }
+    // Plain HTTP through the proxy: the request goes to it in the form the
+    // client wrote, the whole URL.
+    let plain = TlsServer::start_plain(external_v4(0));
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--proxy",
+        &proxy_url,
+        &format!("http://plain.test:{}/via-proxy?q=1", plain.port()),
+    ]));
+    assert_eq!(json_of(&out)["path"], "/via-proxy");
+    let line = format!(
+        "GET http://plain.test:{}/via-proxy?q=1 HTTP/1.1\r\n",
+        plain.port()
+    );
+    assert!(
+        proxy.heads().iter().any(|h| h.starts_with(&line)),
+        "{:#?}",
+        proxy.heads()
+    );
+    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 7);
+    let plain_ev = by_path(&plain_ev, "/via-proxy");
+    assert_eq!(plain_ev["http"]["host"], "plain.test", "{plain_ev:#}");
+    assert_eq!(plain_ev["http"]["scheme"], "http");
+    assert_eq!(plain_ev["http"]["query"], "q=1");
+    assert_eq!(plain_ev["http"]["status"], 200);
+
     // `events show` prints the CONNECT as curl -v would.
     let show = agent.cli(&["events", "show", &tunnels[0]["id"].to_string()]);
     let show = String::from_utf8_lossy(&show.stdout);

@@ -244,11 +244,14 @@ pub fn pattern_sha256(len: u64) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An explicit HTTP proxy, as on a corporate network (`HTTPS_PROXY`): it
-/// answers `CONNECT host:port` with `200 Connection established` and then
-/// copies bytes both ways between the client and `127.0.0.2:port`, whatever
-/// the host, so tunnelled traffic stays on loopback. Anything but CONNECT
-/// gets a 405. It records the head of every CONNECT request it answered.
+/// An explicit HTTP proxy, as on a corporate network (`HTTPS_PROXY`,
+/// `HTTP_PROXY`): it answers `CONNECT host:port` with `200 Connection
+/// established` and then copies bytes both ways between the client and
+/// `127.0.0.2:port`, whatever the host, so tunnelled traffic stays on
+/// loopback. A request naming a whole `http://host:port/` URL goes to
+/// `127.0.0.2:port` the same way, in origin form, one per connection.
+/// Anything else gets a 405. It records the head of every request it
+/// answered.
 pub struct ConnectProxy {
     pub addr: SocketAddr,
     heads: Arc<Mutex<Vec<String>>>,
@@ -272,9 +275,9 @@ impl ConnectProxy {
         Self { addr, heads }
     }
 
-    /// The heads of the CONNECT requests answered so far (request line and
+    /// The heads of the requests answered so far (request line and
     /// headers, as sent).
-    pub fn connects(&self) -> Vec<String> {
+    pub fn heads(&self) -> Vec<String> {
         self.heads.lock().unwrap().clone()
     }
 
@@ -293,19 +296,31 @@ impl ConnectProxy {
             head.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&head).into_owned();
-        let target = head
-            .strip_prefix("CONNECT ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|authority| authority.rsplit_once(':'))
+        let mut words = head.split_whitespace();
+        let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        // CONNECT host:port, or METHOD http://host:port/path.
+        let (authority, path) = match target.strip_prefix("http://") {
+            Some(rest) => rest.split_at(rest.find('/').unwrap_or(rest.len())),
+            None if method == "CONNECT" => (target, ""),
+            None => ("", ""),
+        };
+        let port = authority
+            .rsplit_once(':')
             .and_then(|(_, port)| port.parse::<u16>().ok());
-        let Some(port) = target else {
+        let Some(port) = port else {
             return client.write_all(
                 b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             );
         };
-        let upstream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 2], port)))?;
+        let mut upstream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 2], port)))?;
+        if method == "CONNECT" {
+            client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+        } else {
+            let path = if path.is_empty() { "/" } else { path };
+            let origin_form = head.replacen(target, path, 1);
+            upstream.write_all(origin_form.as_bytes())?;
+        }
         seen.lock().unwrap().push(head);
-        client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
         let (mut c2, mut u2) = (client.try_clone()?, upstream.try_clone()?);
         let up = thread::spawn(move || {
             let _ = std::io::copy(&mut c2, &mut u2);

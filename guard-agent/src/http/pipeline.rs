@@ -689,6 +689,13 @@ fn prepare_upstream_request(
     upgrade: bool,
 ) {
     strip_hop_by_hop(req.headers_mut(), upgrade && http1);
+    // An HTTP/1 client that names the whole URL (`GET http://host/path`)
+    // is talking to a proxy, which needs it as it is; every HTTP/1.1 server
+    // accepts that form too.
+    if http1 && req.version() <= Version::HTTP_11 && req.uri().scheme().is_some() {
+        *req.version_mut() = Version::HTTP_11;
+        return;
+    }
     let pq = req
         .uri()
         .path_and_query()
