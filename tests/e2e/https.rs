@@ -1163,15 +1163,41 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         "{refused:#?}"
     );
 
-    // The proxy saw four tunnels to api.test (one for each client
+    // A client that does not trust the Guard CA fails inside the tunnel,
+    // and the CONNECT's event says why.
+    let out = agent
+        .exec("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(ca.pem_path())
+        .args([
+            "--proxy",
+            &proxy_url,
+            &format!("https://api.test:{port}/untrusted"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "curl trusted the Guard's leaf");
+    let errors = agent.wait_events(&["--http", "--verdict", "error"], 2);
+    let untrusted = errors
+        .iter()
+        .find(|e| {
+            e["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("the client rejected the TLS handshake"))
+        })
+        .unwrap_or_else(|| panic!("no event says the client rejected the handshake: {errors:#?}"));
+    assert_eq!(untrusted["http"]["method"], "CONNECT", "{untrusted:#}");
+    assert_eq!(untrusted["tls"]["sni"], "api.test", "{untrusted:#}");
+
+    // The proxy saw five tunnels to api.test (one for each client
     // connection, and one more when the server closed), with the client's
-    // own headers.
+    // own headers; the untrusting client's tunnel too.
     let connects: Vec<String> = proxy
         .heads()
         .into_iter()
         .filter(|h| h.starts_with("CONNECT "))
         .collect();
-    assert_eq!(connects.len(), 4, "{connects:#?}");
+    assert_eq!(connects.len(), 5, "{connects:#?}");
     for head in &connects {
         assert!(
             head.starts_with(&format!("CONNECT api.test:{port} HTTP/1.1\r\n")),
@@ -1184,7 +1210,9 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         connects[0]
     );
     assert_eq!(server.requests().len(), 4);
-    assert_eq!(server.connections(), 4);
+    // The agent's handshake upstream comes before the client's: the
+    // untrusting client's tunnel reached the server too, with no request.
+    assert_eq!(server.connections(), 5);
 
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.

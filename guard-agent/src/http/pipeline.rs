@@ -33,7 +33,7 @@ use super::{
     body::{buffer_up_to, chain, full, Buffered, PipeBody, RecordingBody},
     headers::{record_headers, strip_hop_by_hop},
     inspect::{Inspector, Located, RequestInspection, EXCERPT_BYTES, MAX_INSPECT_BYTES},
-    tunnel::{self, Connected, TunnelRequest},
+    tunnel::{self, ConnectEvent, Connected, TunnelRequest},
     upstream::{Upstream, UpstreamFailure},
 };
 use crate::{
@@ -563,16 +563,9 @@ async fn connect_tunnel(
         );
     };
     let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    let (mut head, body) = match tunnel::connect(ctx, request, client_side, stopped).await {
-        Ok(Connected::Tunnel { head, task }) => {
-            upgrades
-                .0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(task);
-            (head, Bytes::new())
-        }
-        Ok(Connected::Refused { head, body }) => (head, body),
+    let (mut head, body, tunnel) = match tunnel::connect(ctx, &request).await {
+        Ok(Connected::Tunnel { head, stream }) => (head, Bytes::new(), Some(stream)),
+        Ok(Connected::Refused { head, body }) => (head, body, None),
         Err(fail) => return bad_gateway(ctx, ev, rec, started, &fail, "proxy tunnel failed"),
     };
     rec.ttfb_ms = Some(ms(started));
@@ -583,7 +576,33 @@ async fn connect_tunnel(
     rec.response_bytes = body.len() as u64;
     rec.response_excerpt = ctx.inspector.excerpt(&body);
     strip_hop_by_hop(&mut head.headers, false);
-    finish(ctx, ev, rec, started);
+    match (tunnel, client_side) {
+        (Some(stream), Some(client_side)) => {
+            let sink = Arc::clone(ctx);
+            let event = ConnectEvent::new(move |error, tls| {
+                if let Some(e) = error {
+                    ev.verdict = Verdict::Error;
+                    ev.error = Some(e);
+                }
+                ev.tls = tls;
+                finish(&sink, ev, rec, started);
+            });
+            let task = tunnel::spawn(ctx, request, client_side, stream, event, stopped);
+            upgrades
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+        }
+        (Some(_), None) => {
+            let fail = UpstreamFailure {
+                reason: "the client's connection cannot become a tunnel".into(),
+                tls: false,
+            };
+            return bad_gateway(ctx, ev, rec, started, &fail, "proxy tunnel failed");
+        }
+        (None, _) => finish(ctx, ev, rec, started),
+    }
     Response::from_parts(head, full(body))
 }
 

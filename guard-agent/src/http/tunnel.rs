@@ -9,9 +9,12 @@
 //! its event, exactly as without a proxy; plaintext HTTP likewise; anything
 //! else is carried through and counted.
 //!
-//! Events: the CONNECT itself is one HTTP event (method CONNECT, host and
-//! port of the target, the proxy's status); requests inside carry the same
-//! connection id. The connection event counts all bytes, tunnel included.
+//! Events: the CONNECT itself is one HTTP event (method CONNECT, its
+//! `host:port` as the path, the proxy's status), recorded once the client's
+//! first bytes inside the tunnel were handled: with the TLS inside it, or
+//! the error that ended it there (a client that does not trust the Guard
+//! CA). Requests inside carry the same connection id. The connection event
+//! counts all bytes, tunnel included.
 //!
 //! Never: send the proxy anything before the policy decided on the CONNECT,
 //! or let a tunnel carry bytes Guard did not classify first. A proxy that
@@ -48,6 +51,7 @@ use crate::{
         listener::{terminate_tls, TlsFailed, UpstreamVia},
         sniff::{classify, Sniff, MAX_SNIFF_BYTES},
     },
+    store::TlsRecord,
     store::Verdict,
 };
 
@@ -171,14 +175,12 @@ impl TunnelRequest {
     }
 }
 
-/// The outcome of a CONNECT for the pipeline.
+/// The proxy's answer to a CONNECT, for the pipeline.
 pub enum Connected {
-    /// Answer the client with `head` and carry the tunnel (the task is
-    /// started; the caller keeps its handle with the connection's other
-    /// upgraded sessions).
+    /// A tunnel: answer the client with `head`, then [`spawn`] its carrier.
     Tunnel {
         head: http::response::Parts,
-        task: tokio::task::JoinHandle<()>,
+        stream: TcpStream,
     },
     /// The proxy's refusal, its body read (bounded), for the client.
     Refused {
@@ -187,15 +189,11 @@ pub enum Connected {
     },
 }
 
-/// Opens the tunnel a CONNECT asked for, on a new connection to the proxy
-/// (the connection's original destination). On success the tunnel's task
-/// waits for the client's side of the upgrade, which hyper hands over once
-/// the answer has gone out.
+/// Asks the proxy (the connection's original destination), on a new
+/// connection to it, for the tunnel a CONNECT names.
 pub async fn connect(
-    ctx: &Arc<ConnContext>,
-    tunnel: TunnelRequest,
-    client_side: Option<OnUpgrade>,
-    stopped: tokio::sync::watch::Receiver<()>,
+    ctx: &ConnContext,
+    tunnel: &TunnelRequest,
 ) -> Result<Connected, UpstreamFailure> {
     let tcp = connect_tcp(ctx.dst, ctx.mark)
         .await
@@ -203,8 +201,8 @@ pub async fn connect(
             reason: describe_connect_error(&e),
             tls: false,
         })?;
-    let (stream, head) = match tunnel.open(tcp).await? {
-        Opened::Established { stream, head } => (stream, head),
+    match tunnel.open(tcp).await? {
+        Opened::Established { stream, head } => Ok(Connected::Tunnel { head, stream }),
         Opened::Refused(resp) => {
             let (head, body) = resp.into_parts();
             let body = Limited::new(body, MAX_REFUSAL_BODY)
@@ -212,24 +210,58 @@ pub async fn connect(
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            return Ok(Connected::Refused { head, body });
+            Ok(Connected::Refused { head, body })
         }
-    };
-    let Some(client_side) = client_side else {
-        return Err(UpstreamFailure {
-            reason: "the client's connection cannot be upgraded to a tunnel".into(),
-            tls: false,
-        });
-    };
+    }
+}
+
+/// Records the CONNECT's event once what its tunnel carries is known: the
+/// client's TLS handshake inside it, or the start of a plaintext or opaque
+/// session; with the error that ended it there, if any, and the TLS inside
+/// it. If the tunnel ends first (the agent stops), the event says so.
+pub struct ConnectEvent(Option<Box<dyn FnOnce(Option<String>, Option<TlsRecord>) + Send>>);
+
+impl ConnectEvent {
+    pub fn new(record: impl FnOnce(Option<String>, Option<TlsRecord>) + Send + 'static) -> Self {
+        Self(Some(Box::new(record)))
+    }
+
+    fn record(mut self, error: Option<String>, tls: Option<TlsRecord>) {
+        if let Some(record) = self.0.take() {
+            record(error, tls);
+        }
+    }
+}
+
+impl Drop for ConnectEvent {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take() {
+            record(
+                Some("the tunnel ended before the client spoke in it".into()),
+                None,
+            );
+        }
+    }
+}
+
+/// Starts carrying an established tunnel: waits for the client's side of
+/// the upgrade (hyper hands it over once the answer has gone out), then
+/// [`carry`]. Ends when the tunnel does, or when `stopped`'s sender goes.
+pub fn spawn(
+    ctx: &Arc<ConnContext>,
+    tunnel: TunnelRequest,
+    client_side: OnUpgrade,
+    stream: TcpStream,
+    event: ConnectEvent,
+    mut stopped: tokio::sync::watch::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
     let ctx = Arc::clone(ctx);
-    let task = tokio::spawn(async move {
-        let mut stopped = stopped;
+    tokio::spawn(async move {
         tokio::select! {
-            () = carry(ctx, tunnel, client_side, stream) => {}
+            () = carry(ctx, tunnel, client_side, stream, event) => {}
             _ = stopped.changed() => {}
         }
-    });
-    Ok(Connected::Tunnel { head, task })
+    })
 }
 
 /// Carries one tunnel: finds out what the client speaks inside it, then
@@ -241,8 +273,9 @@ fn carry(
     tunnel: TunnelRequest,
     client: OnUpgrade,
     up: TcpStream,
+    event: ConnectEvent,
 ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(carry_inner(ctx, tunnel, client, up))
+    Box::pin(carry_inner(ctx, tunnel, client, up, event))
 }
 
 async fn carry_inner(
@@ -250,19 +283,28 @@ async fn carry_inner(
     tunnel: TunnelRequest,
     client: OnUpgrade,
     up: TcpStream,
+    event: ConnectEvent,
 ) {
     let started = Instant::now();
     let client = match client.await {
         Ok(c) => TokioIo::new(c),
         Err(e) => {
-            tracing::debug!("the client side of a CONNECT tunnel failed: {e}");
+            event.record(
+                Some(format!("the client side of the tunnel failed: {e}")),
+                None,
+            );
             return;
         }
     };
     let (client, sniff) = match sniff(client, &up).await {
         Ok(x) => x,
         Err(e) => {
-            tracing::debug!("reading from the client inside a CONNECT tunnel failed: {e}");
+            event.record(
+                Some(format!(
+                    "reading from the client inside the tunnel failed: {e}"
+                )),
+                None,
+            );
             return;
         }
     };
@@ -287,10 +329,19 @@ async fn carry_inner(
                 .map_err(|_| crate::tls::upstream::UpstreamError::InvalidServerName(name));
             let leaf_ip = host.parse::<IpAddr>().ok();
             match terminate_tls(&settings, client, up, via(), &hello, server, leaf_ip).await {
-                Err(TlsFailed::Mint { error, .. }) | Err(TlsFailed::Handshake { error, .. }) => {
+                Err(TlsFailed::Mint { error, .. }) => {
+                    event.record(Some(error.clone()), None);
+                    Err(error)
+                }
+                Err(TlsFailed::Handshake { error, record }) => {
+                    event.record(Some(error.clone()), Some(record));
                     Err(error)
                 }
                 Ok(t) => {
+                    event.record(
+                        t.upstream.as_ref().err().map(|f| f.reason.clone()),
+                        Some(t.record.clone()),
+                    );
                     let mut template = ctx.template.clone();
                     template.host = Some(hello.sni.clone().unwrap_or_else(|| host.clone()));
                     template.tls = Some(t.record);
@@ -310,6 +361,7 @@ async fn carry_inner(
             }
         }
         Sniff::Http1(_) => {
+            event.record(None, None);
             let target = UpstreamTarget {
                 addr: ctx.dst,
                 mark: ctx.mark,
@@ -323,7 +375,18 @@ async fn carry_inner(
             let inner = inner_context(&ctx, template, None, "http", upstream);
             pipeline::serve(client, inner).await
         }
-        _ => {
+        other => {
+            // TLS not looked into (a passthrough name, or inspection off),
+            // or not TLS or HTTP at all: carried as it is.
+            let tls = match other {
+                Sniff::Tls(hello) => Some(TlsRecord {
+                    sni: hello.sni,
+                    passthrough: true,
+                    ..Default::default()
+                }),
+                _ => None,
+            };
+            event.record(None, tls);
             let (mut client, mut up) = (client, up);
             tokio::io::copy_bidirectional(&mut client, &mut up)
                 .await
