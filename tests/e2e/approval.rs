@@ -508,7 +508,7 @@ fn a_new_hold_fires_the_hook_and_the_webhook_which_is_not_intercepted() {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\ncat > {out}.tmp && mv {out}.tmp {out}\nenv | grep '^GUARD_' > {env}\n",
+            "#!/bin/sh\ncat > {out}.tmp && mv {out}.tmp {out}\nenv | grep '^GUARD_' > {env}.tmp && mv {env}.tmp {env}\n",
             out = out_file.display(),
             env = env_file.display()
         ),

@@ -219,7 +219,11 @@ pub async fn connect(
 /// client's TLS handshake inside it, or the start of a plaintext or opaque
 /// session; with the error that ended it there, if any, and the TLS inside
 /// it. If the tunnel ends first (the agent stops), the event says so.
-pub struct ConnectEvent(Option<Box<dyn FnOnce(Option<String>, Option<TlsRecord>) + Send>>);
+pub struct ConnectEvent(Option<RecordConnect>);
+
+/// Records a CONNECT's event: the error that ended its tunnel early, the
+/// TLS inside it.
+type RecordConnect = Box<dyn FnOnce(Option<String>, Option<TlsRecord>) + Send>;
 
 impl ConnectEvent {
     pub fn new(record: impl FnOnce(Option<String>, Option<TlsRecord>) + Send + 'static) -> Self {
