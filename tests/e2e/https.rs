@@ -1090,6 +1090,20 @@ fn https_through_an_explicit_proxy_is_inspected_inside_its_connect_tunnel() {
     assert_eq!(body["path"], "/v1/tunnel", "{body:#}");
     assert_eq!(body["host"], format!("api.test:{port}"));
 
+    // HTTP/2 inside the tunnel: ALPN negotiated through it, both legs h2.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2",
+        "--proxy",
+        &proxy_url,
+        &format!("https://api.test:{port}/v2/tunnel"),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/v2/tunnel", "{body:#}");
+    assert_eq!(body["alpn"], "h2", "{body:#}");
+
     // The server closes its connection after a response: the agent opens a
     // new tunnel for the next request, and the client keeps its connection.
     let out = run_ok(agent.exec("curl").args([
@@ -1189,7 +1203,7 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     assert_eq!(untrusted["http"]["method"], "CONNECT", "{untrusted:#}");
     assert_eq!(untrusted["tls"]["sni"], "api.test", "{untrusted:#}");
 
-    // The proxy saw five tunnels to api.test (one for each client
+    // The proxy saw six tunnels to api.test (one for each client
     // connection, and one more when the server closed), with the client's
     // own headers; the untrusting client's tunnel too.
     let connects: Vec<String> = proxy
@@ -1197,7 +1211,7 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         .into_iter()
         .filter(|h| h.starts_with("CONNECT "))
         .collect();
-    assert_eq!(connects.len(), 5, "{connects:#?}");
+    assert_eq!(connects.len(), 6, "{connects:#?}");
     for head in &connects {
         assert!(
             head.starts_with(&format!("CONNECT api.test:{port} HTTP/1.1\r\n")),
@@ -1209,23 +1223,23 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         "the proxy credentials did not reach the proxy: {}",
         connects[0]
     );
-    assert_eq!(server.requests().len(), 4);
+    assert_eq!(server.requests().len(), 5);
     // The agent's handshake upstream comes before the client's: the
     // untrusting client's tunnel reached the server too, with no request.
-    assert_eq!(server.connections(), 5);
+    assert_eq!(server.connections(), 6);
 
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.
     let proxy_dst = proxy.addr.to_string();
-    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 6);
+    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 8);
     let masked = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "mask"], 1);
     let events: Vec<Value> = events.into_iter().chain(masked).collect();
-    assert_eq!(events.len(), 7, "{events:#?}");
+    assert_eq!(events.len(), 9, "{events:#?}");
     let tunnels: Vec<&Value> = events
         .iter()
         .filter(|e| e["http"]["method"] == "CONNECT")
         .collect();
-    assert_eq!(tunnels.len(), 3, "{events:#?}");
+    assert_eq!(tunnels.len(), 4, "{events:#?}");
     assert_eq!(
         by_path(&events, "/close/first")["conn_id"],
         by_path(&events, "/close/second")["conn_id"],
@@ -1257,6 +1271,10 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     assert_eq!(curl_ev["tls"]["sni"], "api.test");
     assert_eq!(str_field(curl_ev, "host"), "api.test");
     assert_eq!(str_field(curl_ev, "exe"), "/usr/bin/curl");
+    let h2_ev = by_path(&events, "/v2/tunnel");
+    assert_eq!(h2_ev["http"]["version"], "HTTP/2", "{h2_ev:#}");
+    assert_eq!(h2_ev["tls"]["alpn"], "h2");
+    assert_eq!(h2_ev["tls"]["upstream_alpn"], "h2");
     let py_ev = by_path(&events, "/py/keys");
     assert!(str_field(py_ev, "exe").contains("python3"), "{py_ev:#}");
     assert_eq!(str_field(py_ev, "verdict"), "mask", "{py_ev:#}");
@@ -1288,7 +1306,7 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         "{:#?}",
         proxy.heads()
     );
-    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 7);
+    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 9);
     let plain_ev = by_path(&plain_ev, "/via-proxy");
     assert_eq!(plain_ev["http"]["host"], "plain.test", "{plain_ev:#}");
     assert_eq!(plain_ev["http"]["scheme"], "http");
