@@ -1203,15 +1203,42 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     assert_eq!(untrusted["http"]["method"], "CONNECT", "{untrusted:#}");
     assert_eq!(untrusted["tls"]["sni"], "api.test", "{untrusted:#}");
 
-    // The proxy saw six tunnels to api.test (one for each client
+    // A malformed ClientHello inside a tunnel closes that tunnel, and the
+    // CONNECT's event says why.
+    let py = format!(
+        r#"
+import socket
+s = socket.create_connection(('127.0.0.2', {proxy_port}), timeout=20)
+s.sendall(b'CONNECT api.test:{port} HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n')
+head = b''
+while not head.endswith(b'\r\n\r\n'):
+    head += s.recv(1)
+print(head.split(b' ')[1].decode())
+s.sendall(b'\x16\x03\x01\x00\x10' + b'\x01\x00\x00\x0c' + b'garbage-garb')
+print('closed' if s.recv(4096) == b'' else 'answered')
+"#,
+        proxy_port = proxy.addr.port()
+    );
+    let out = run_ok(agent.exec("python3").args(["-c", &py]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\nclosed\n");
+    let errors = agent.wait_events(&["--http", "--verdict", "error"], 3);
+    assert!(
+        errors.iter().any(|e| e["http"]["method"] == "CONNECT"
+            && e["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("malformed TLS ClientHello"))),
+        "{errors:#?}"
+    );
+
+    // The proxy saw seven tunnels to api.test (one for each client
     // connection, and one more when the server closed), with the client's
-    // own headers; the untrusting client's tunnel too.
+    // own headers; the untrusting and the malformed clients' tunnels too.
     let connects: Vec<String> = proxy
         .heads()
         .into_iter()
         .filter(|h| h.starts_with("CONNECT "))
         .collect();
-    assert_eq!(connects.len(), 6, "{connects:#?}");
+    assert_eq!(connects.len(), 7, "{connects:#?}");
     for head in &connects {
         assert!(
             head.starts_with(&format!("CONNECT api.test:{port} HTTP/1.1\r\n")),
@@ -1224,9 +1251,10 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         connects[0]
     );
     assert_eq!(server.requests().len(), 5);
-    // The agent's handshake upstream comes before the client's: the
-    // untrusting client's tunnel reached the server too, with no request.
-    assert_eq!(server.connections(), 6);
+    // Every tunnel reached the server (the proxy connects when it answers
+    // the CONNECT), the untrusting and the malformed clients' with no
+    // request.
+    assert_eq!(server.connections(), 7);
 
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.

@@ -364,6 +364,11 @@ async fn carry_inner(
                 }
             }
         }
+        Sniff::Malformed { reason } => {
+            // As on a direct connection: closed, and the event says why.
+            event.record(Some(format!("malformed TLS ClientHello: {reason}")), None);
+            return;
+        }
         Sniff::Http1(_) => {
             event.record(None, None);
             let target = UpstreamTarget {
