@@ -62,6 +62,14 @@ fn resolve(name: &str, port: u16) -> String {
     format!("{name}:{port}:127.0.0.2")
 }
 
+/// The event whose error says `text`.
+fn by_error<'a>(events: &'a [Value], text: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|e| e["error"].as_str().is_some_and(|e| e.contains(text)))
+        .unwrap_or_else(|| panic!("no event says {text:?}: {events:#?}"))
+}
+
 /// The http event whose path is `path`.
 fn by_path<'a>(events: &'a [Value], path: &str) -> &'a Value {
     events
@@ -602,14 +610,7 @@ attempt(bytes([0, 0xff, 0x13, 0x37]) + bytes(range(60)))
 
     let dst = server.addr.to_string();
     let conns = agent.wait_events(&["--kind", "connection", "--dest", &dst], 2);
-    let bad = conns
-        .iter()
-        .find(|c| {
-            c["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("malformed TLS ClientHello"))
-        })
-        .unwrap_or_else(|| panic!("no malformed-hello event: {conns:#?}"));
+    let bad = by_error(&conns, "malformed TLS ClientHello");
     assert_eq!(str_field(bad, "verdict"), "error");
     assert!(str_field(bad, "exe").contains("python3"));
     // The random bytes were spliced to the server (which closed on them).
@@ -1169,13 +1170,8 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         "502",
     );
     let refused = agent.wait_events(&["--http", "--verdict", "error"], 1);
-    assert_eq!(refused[0]["http"]["method"], "CONNECT", "{refused:#?}");
-    assert!(
-        refused[0]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("only on plaintext HTTP/1.1")),
-        "{refused:#?}"
-    );
+    let refused = by_error(&refused, "only on plaintext HTTP/1.1");
+    assert_eq!(refused["http"]["method"], "CONNECT", "{refused:#}");
 
     // A client that does not trust the Guard CA fails inside the tunnel,
     // and the CONNECT's event says why.
@@ -1192,14 +1188,7 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         .unwrap();
     assert!(!out.status.success(), "curl trusted the Guard's leaf");
     let errors = agent.wait_events(&["--http", "--verdict", "error"], 2);
-    let untrusted = errors
-        .iter()
-        .find(|e| {
-            e["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("the client rejected the TLS handshake"))
-        })
-        .unwrap_or_else(|| panic!("no event says the client rejected the handshake: {errors:#?}"));
+    let untrusted = by_error(&errors, "the client rejected the TLS handshake");
     assert_eq!(untrusted["http"]["method"], "CONNECT", "{untrusted:#}");
     assert_eq!(untrusted["tls"]["sni"], "api.test", "{untrusted:#}");
 
@@ -1222,13 +1211,8 @@ print('closed' if s.recv(4096) == b'' else 'answered')
     let out = run_ok(agent.exec("python3").args(["-c", &py]));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200\nclosed\n");
     let errors = agent.wait_events(&["--http", "--verdict", "error"], 3);
-    assert!(
-        errors.iter().any(|e| e["http"]["method"] == "CONNECT"
-            && e["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("malformed TLS ClientHello"))),
-        "{errors:#?}"
-    );
+    let malformed = by_error(&errors, "malformed TLS ClientHello");
+    assert_eq!(malformed["http"]["method"], "CONNECT", "{malformed:#}");
 
     // The proxy saw seven tunnels to api.test (one for each client
     // connection, and one more when the server closed), with the client's
