@@ -1214,13 +1214,46 @@ print('closed' if s.recv(4096) == b'' else 'answered')
     let malformed = by_error(&errors, "malformed TLS ClientHello");
     assert_eq!(malformed["http"]["method"], "CONNECT", "{malformed:#}");
 
+    // A far end that speaks first (an SSH-like banner), its first bytes
+    // sent with the proxy's answer: they reach the client, and the tunnel
+    // carries the rest both ways.
+    let banner = std::net::TcpListener::bind(external_v4(0)).unwrap();
+    let banner_port = banner.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = banner.accept().unwrap();
+        s.write_all(b"SSH-2.0-GuardTest\r\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        s.write_all(&buf[..n]).unwrap();
+    });
+    let py = format!(
+        r#"
+import socket
+s = socket.create_connection(('127.0.0.2', {proxy_port}), timeout=20)
+s.sendall(b'CONNECT ssh.test:{banner_port} HTTP/1.1\r\nHost: ssh.test:{banner_port}\r\n\r\n')
+data = b''
+while b'\r\n\r\n' not in data or not data.endswith(b'GuardTest\r\n'):
+    data += s.recv(4096)
+print(data.split(b'\r\n\r\n', 1)[1].decode().strip())
+s.sendall(b'ping')
+print(s.recv(64).decode())
+"#,
+        proxy_port = proxy.addr.port()
+    );
+    let out = run_ok(agent.exec("python3").args(["-c", &py]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SSH-2.0-GuardTest\nping\n"
+    );
+
     // The proxy saw seven tunnels to api.test (one for each client
     // connection, and one more when the server closed), with the client's
     // own headers; the untrusting and the malformed clients' tunnels too.
     let connects: Vec<String> = proxy
         .heads()
         .into_iter()
-        .filter(|h| h.starts_with("CONNECT "))
+        .filter(|h| h.starts_with("CONNECT api.test"))
         .collect();
     assert_eq!(connects.len(), 7, "{connects:#?}");
     for head in &connects {
@@ -1243,9 +1276,18 @@ print('closed' if s.recv(4096) == b'' else 'answered')
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.
     let proxy_dst = proxy.addr.to_string();
-    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 8);
+    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 9);
     let masked = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "mask"], 1);
-    let events: Vec<Value> = events.into_iter().chain(masked).collect();
+    let (ssh, events): (Vec<Value>, Vec<Value>) = events
+        .into_iter()
+        .chain(masked)
+        .partition(|e| e["http"]["host"] == "ssh.test");
+    assert_eq!(ssh.len(), 1, "{ssh:#?}");
+    assert_eq!(ssh[0]["http"]["path"], format!("ssh.test:{banner_port}"));
+    assert!(
+        ssh[0]["tls"].is_null() && ssh[0]["error"].is_null(),
+        "{ssh:#?}"
+    );
     assert_eq!(events.len(), 9, "{events:#?}");
     let tunnels: Vec<&Value> = events
         .iter()
@@ -1318,7 +1360,7 @@ print('closed' if s.recv(4096) == b'' else 'answered')
         "{:#?}",
         proxy.heads()
     );
-    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 9);
+    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 10);
     let plain_ev = by_path(&plain_ev, "/via-proxy");
     assert_eq!(plain_ev["http"]["host"], "plain.test", "{plain_ev:#}");
     assert_eq!(plain_ev["http"]["scheme"], "http");

@@ -248,7 +248,8 @@ pub fn pattern_sha256(len: u64) -> String {
 /// `HTTP_PROXY`): it answers `CONNECT host:port` with `200 Connection
 /// established` and then copies bytes both ways between the client and
 /// `127.0.0.2:port`, whatever the host, so tunnelled traffic stays on
-/// loopback. A request naming a whole `http://host:port/` URL goes to
+/// loopback; what the far end says first (within 50 ms) goes out in the
+/// same write as the answer. A request naming a whole `http://host:port/` URL goes to
 /// `127.0.0.2:port` the same way, in origin form, one per connection.
 /// Anything else gets a 405. It records the head of every request it
 /// answered.
@@ -314,7 +315,15 @@ impl ConnectProxy {
         };
         let mut upstream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 2], port)))?;
         if method == "CONNECT" {
-            client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+            // What a far end that speaks first (SSH, SMTP) has said goes out
+            // with the answer, in one write, as a busy proxy may send it.
+            let mut early = vec![0u8; 4096];
+            upstream.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
+            let n = upstream.read(&mut early).unwrap_or(0);
+            upstream.set_read_timeout(None)?;
+            let mut answer = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
+            answer.extend_from_slice(&early[..n]);
+            client.write_all(&answer)?;
         } else {
             let path = if path.is_empty() { "/" } else { path };
             let origin_form = head.replacen(target, path, 1);

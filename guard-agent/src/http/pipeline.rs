@@ -564,7 +564,11 @@ async fn connect_tunnel(
     };
     let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let (mut head, body, tunnel) = match tunnel::connect(ctx, &request).await {
-        Ok(Connected::Tunnel { head, stream }) => (head, Bytes::new(), Some(stream)),
+        Ok(Connected::Tunnel {
+            head,
+            stream,
+            early,
+        }) => (head, Bytes::new(), Some((stream, early))),
         Ok(Connected::Refused { head, body }) => (head, body, None),
         Err(fail) => return bad_gateway(ctx, ev, rec, started, &fail, "proxy tunnel failed"),
     };

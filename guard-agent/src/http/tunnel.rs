@@ -19,8 +19,10 @@
 //! Never: send the proxy anything before the policy decided on the CONNECT,
 //! or let a tunnel carry bytes Guard did not classify first. A proxy that
 //! refuses (407 Proxy Authentication Required, 403) has its answer passed to
-//! the client as it is; a proxy that sends bytes before the client spoke
-//! inside the tunnel is treated as a failure, never skipped over.
+//! the client as it is. When the far end speaks first (an SSH or SMTP
+//! server behind the tunnel, its first bytes arriving with the proxy's
+//! answer), nothing is skipped: those bytes go to the client first and the
+//! tunnel is carried as it is.
 
 use std::{
     io,
@@ -75,10 +77,12 @@ pub struct TunnelRequest {
 /// The proxy's answer to a CONNECT.
 pub enum Opened {
     /// 2xx: `stream` is the tunnel (the proxy's connection), `head` the
-    /// proxy's response head.
+    /// proxy's response head, `early` what the far end already sent through
+    /// it (read with the head; empty unless it speaks first).
     Established {
         stream: TcpStream,
         head: http::response::Parts,
+        early: Bytes,
     },
     /// Anything else, to be passed to the client as it is.
     Refused(Response<Incoming>),
@@ -136,16 +140,11 @@ impl TunnelRequest {
             let parts = upgraded
                 .downcast::<TokioIo<TcpStream>>()
                 .map_err(|_| fail("the proxy's tunnel is not a TCP stream".into()))?;
-            if !parts.read_buf.is_empty() {
-                return Err(fail(format!(
-                    "the proxy sent {} bytes into the tunnel before the client spoke",
-                    parts.read_buf.len()
-                )));
-            }
             let (head, _) = resp.into_parts();
             Ok(Opened::Established {
                 stream: parts.io.into_inner(),
                 head,
+                early: parts.read_buf,
             })
         };
         tokio::time::timeout(CONNECT_TIMEOUT, exchange)
@@ -162,7 +161,16 @@ impl TunnelRequest {
     /// an established tunnel will do.
     pub async fn reopen(&self, tcp: TcpStream) -> Result<TcpStream, UpstreamFailure> {
         match self.open(tcp).await? {
-            Opened::Established { stream, .. } => Ok(stream),
+            // An HTTP or TLS server never speaks first.
+            Opened::Established { stream, early, .. } if early.is_empty() => Ok(stream),
+            Opened::Established { early, .. } => Err(UpstreamFailure {
+                reason: format!(
+                    "the far end of a new tunnel to {} sent {} bytes before the request",
+                    self.authority,
+                    early.len()
+                ),
+                tls: false,
+            }),
             Opened::Refused(resp) => Err(UpstreamFailure {
                 reason: format!(
                     "the proxy refused a new tunnel to {}: {}",
@@ -177,10 +185,12 @@ impl TunnelRequest {
 
 /// The proxy's answer to a CONNECT, for the pipeline.
 pub enum Connected {
-    /// A tunnel: answer the client with `head`, then [`spawn`] its carrier.
+    /// A tunnel: answer the client with `head`, then [`spawn`] its carrier
+    /// (`early`: see [`Opened::Established`]).
     Tunnel {
         head: http::response::Parts,
         stream: TcpStream,
+        early: Bytes,
     },
     /// The proxy's refusal, its body read (bounded), for the client.
     Refused {
@@ -202,7 +212,15 @@ pub async fn connect(
             tls: false,
         })?;
     match tunnel.open(tcp).await? {
-        Opened::Established { stream, head } => Ok(Connected::Tunnel { head, stream }),
+        Opened::Established {
+            stream,
+            head,
+            early,
+        } => Ok(Connected::Tunnel {
+            head,
+            stream,
+            early,
+        }),
         Opened::Refused(resp) => {
             let (head, body) = resp.into_parts();
             let body = Limited::new(body, MAX_REFUSAL_BODY)
@@ -255,7 +273,7 @@ pub fn spawn(
     ctx: &Arc<ConnContext>,
     tunnel: TunnelRequest,
     client_side: OnUpgrade,
-    stream: TcpStream,
+    stream: (TcpStream, Bytes),
     event: ConnectEvent,
     mut stopped: tokio::sync::watch::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
@@ -276,7 +294,7 @@ fn carry(
     ctx: Arc<ConnContext>,
     tunnel: TunnelRequest,
     client: OnUpgrade,
-    up: TcpStream,
+    up: (TcpStream, Bytes),
     event: ConnectEvent,
 ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(carry_inner(ctx, tunnel, client, up, event))
@@ -286,11 +304,11 @@ async fn carry_inner(
     ctx: Arc<ConnContext>,
     tunnel: TunnelRequest,
     client: OnUpgrade,
-    up: TcpStream,
+    (up, early): (TcpStream, Bytes),
     event: ConnectEvent,
 ) {
     let started = Instant::now();
-    let client = match client.await {
+    let mut client = match client.await {
         Ok(c) => TokioIo::new(c),
         Err(e) => {
             event.record(
@@ -300,6 +318,22 @@ async fn carry_inner(
             return;
         }
     };
+    if !early.is_empty() {
+        // The far end spoke first: not TLS or HTTP. Carried as it is.
+        event.record(None, None);
+        let mut up = up;
+        let carried = async {
+            tokio::io::AsyncWriteExt::write_all(&mut client, &early).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut up).await
+        };
+        if let Err(e) = carried.await {
+            tracing::debug!(
+                target = tunnel.authority.as_str(),
+                "a CONNECT tunnel ended with an error: {e}"
+            );
+        }
+        return;
+    }
     let (client, sniff) = match sniff(client, &up).await {
         Ok(x) => x,
         Err(e) => {
