@@ -1214,6 +1214,22 @@ print('closed' if s.recv(4096) == b'' else 'answered')
     let malformed = by_error(&errors, "malformed TLS ClientHello");
     assert_eq!(malformed["http"]["method"], "CONNECT", "{malformed:#}");
 
+    // A proxy that authenticates the connection: curl's first CONNECT is
+    // answered 407, and its retry with credentials must come on the same
+    // connection, which it does through Guard too.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--proxy-anyauth",
+        "--proxy-user",
+        "proxy:secret",
+        "--proxy",
+        &proxy_url,
+        &format!("https://auth.pinned.test:{port}/after-auth"),
+    ]));
+    assert_eq!(json_of(&out)["path"], "/after-auth");
+
     // A far end that speaks first (an SSH-like banner), its first bytes
     // sent with the proxy's answer: they reach the client, and the tunnel
     // carries the rest both ways.
@@ -1267,26 +1283,46 @@ print(s.recv(64).decode())
         "the proxy credentials did not reach the proxy: {}",
         connects[0]
     );
-    assert_eq!(server.requests().len(), 5);
+    assert_eq!(server.requests().len(), 6);
+    // One proxy connection per client connection, as without Guard (a
+    // proxy that authenticates connections needs that), and one more for
+    // the new tunnel after the server closed: ten clients so far.
+    assert_eq!(proxy.connections(), 11);
     // Every tunnel reached the server (the proxy connects when it answers
     // the CONNECT), the untrusting and the malformed clients' with no
     // request.
-    assert_eq!(server.connections(), 7);
+    assert_eq!(server.connections(), 8);
 
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.
     let proxy_dst = proxy.addr.to_string();
-    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 9);
+    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 12);
     let masked = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "mask"], 1);
-    let (ssh, events): (Vec<Value>, Vec<Value>) = events
+    let (others, events): (Vec<Value>, Vec<Value>) = events
         .into_iter()
         .chain(masked)
-        .partition(|e| e["http"]["host"] == "ssh.test");
-    assert_eq!(ssh.len(), 1, "{ssh:#?}");
+        .partition(|e| e["http"]["host"] != "api.test");
+    let ssh: Vec<&Value> = others
+        .iter()
+        .filter(|e| e["http"]["host"] == "ssh.test")
+        .collect();
+    assert_eq!(ssh.len(), 1, "{others:#?}");
     assert_eq!(ssh[0]["http"]["path"], format!("ssh.test:{banner_port}"));
     assert!(
         ssh[0]["tls"].is_null() && ssh[0]["error"].is_null(),
         "{ssh:#?}"
+    );
+    // The authenticating proxy: a 407, then the tunnel and the request in
+    // it, all on one client connection.
+    let auth: Vec<&Value> = others
+        .iter()
+        .filter(|e| e["http"]["host"] == "auth.pinned.test")
+        .collect();
+    let statuses: Vec<&Value> = auth.iter().map(|e| &e["http"]["status"]).collect();
+    assert_eq!(statuses, [407, 200, 200], "{auth:#?}");
+    assert!(
+        auth.iter().all(|e| e["conn_id"] == auth[0]["conn_id"]),
+        "{auth:#?}"
     );
     assert_eq!(events.len(), 9, "{events:#?}");
     let tunnels: Vec<&Value> = events
@@ -1360,7 +1396,7 @@ print(s.recv(64).decode())
         "{:#?}",
         proxy.heads()
     );
-    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 10);
+    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 13);
     let plain_ev = by_path(&plain_ev, "/via-proxy");
     assert_eq!(plain_ev["http"]["host"], "plain.test", "{plain_ev:#}");
     assert_eq!(plain_ev["http"]["scheme"], "http");

@@ -250,12 +250,15 @@ pub fn pattern_sha256(len: u64) -> String {
 /// `127.0.0.2:port`, whatever the host, so tunnelled traffic stays on
 /// loopback; what the far end says first (within 50 ms) goes out in the
 /// same write as the answer. A request naming a whole `http://host:port/` URL goes to
-/// `127.0.0.2:port` the same way, in origin form, one per connection.
+/// `127.0.0.2:port` the same way, in origin form, one per connection. A
+/// CONNECT to an `auth.*` host is answered 407 until it comes with credentials
+/// on a connection that was challenged (connection-bound authentication).
 /// Anything else gets a 405. It records the head of every request it
 /// answered.
 pub struct ConnectProxy {
     pub addr: SocketAddr,
     heads: Arc<Mutex<Vec<String>>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ConnectProxy {
@@ -263,17 +266,28 @@ impl ConnectProxy {
         let l = TcpListener::bind(bind).expect("bind the CONNECT proxy");
         let addr = l.local_addr().unwrap();
         let heads = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&heads);
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen, count) = (Arc::clone(&heads), Arc::clone(&accepted));
         thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(s) = s else { continue };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = Arc::clone(&seen);
                 thread::spawn(move || {
                     let _ = Self::tunnel(s, &seen);
                 });
             }
         });
-        Self { addr, heads }
+        Self {
+            addr,
+            heads,
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The heads of the requests answered so far (request line and
@@ -282,21 +296,47 @@ impl ConnectProxy {
         self.heads.lock().unwrap().clone()
     }
 
-    fn tunnel(mut client: TcpStream, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    /// Reads one request head, byte by byte so that nothing after it is
+    /// read here; None when the client closed or does not speak HTTP (a TLS
+    /// ClientHello: this proxy speaks plaintext).
+    fn read_head(client: &mut TcpStream) -> std::io::Result<Option<String>> {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
-        // Byte by byte, so nothing after the head is read here.
         while !head.ends_with(b"\r\n\r\n") {
             if client.read(&mut byte)? == 0 || head.len() > 16 * 1024 {
-                return Ok(());
+                return Ok(None);
             }
             if head.is_empty() && !byte[0].is_ascii_alphabetic() {
-                // Not HTTP (a TLS ClientHello): this proxy speaks plaintext.
-                return Ok(());
+                return Ok(None);
             }
             head.push(byte[0]);
         }
-        let head = String::from_utf8_lossy(&head).into_owned();
+        Ok(Some(String::from_utf8_lossy(&head).into_owned()))
+    }
+
+    fn tunnel(mut client: TcpStream, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
+        let Some(mut head) = Self::read_head(&mut client)? else {
+            return Ok(());
+        };
+        // `auth.*` hosts stand for a proxy that authenticates the connection
+        // (as NTLM does): it takes credentials only on a connection it has
+        // challenged with a 407 first.
+        let mut challenged = false;
+        while head.starts_with("CONNECT auth.")
+            && !(challenged
+                && head
+                    .to_ascii_lowercase()
+                    .contains("\r\nproxy-authorization:"))
+        {
+            client.write_all(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n",
+            )?;
+            challenged = true;
+            let Some(next) = Self::read_head(&mut client)? else {
+                return Ok(());
+            };
+            head = next;
+        }
         let mut words = head.split_whitespace();
         let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
         // CONNECT host:port, or METHOD http://host:port/path.

@@ -1,8 +1,8 @@
 //! CONNECT through an explicit HTTP proxy (`HTTPS_PROXY=http://proxy:3128`
 //! on a corporate network or a CI runner): the client's connection to the
 //! proxy is redirected like any other, and its `CONNECT host:port` asks the
-//! proxy for a tunnel. Guard opens that tunnel itself, on a connection of
-//! its own to the same proxy, answers the client with the proxy's answer,
+//! proxy for a tunnel. Guard asks for that tunnel itself, on its own
+//! connection to the proxy for this client, answers with the proxy's answer,
 //! and then treats what the client sends inside the tunnel as a connection
 //! of its own to `host:port`: TLS is terminated (a leaf for the SNI, or for
 //! the CONNECT host) and every request goes through the pipeline and gets
@@ -49,7 +49,7 @@ use super::{
 };
 use crate::{
     intercept::{
-        connect::{connect_tcp, describe_connect_error, CONNECT_TIMEOUT},
+        connect::CONNECT_TIMEOUT,
         listener::{terminate_tls, TlsFailed, UpstreamVia},
         sniff::{classify, Sniff, MAX_SNIFF_BYTES},
     },
@@ -109,52 +109,44 @@ impl TunnelRequest {
             .trim_end_matches(']')
     }
 
+    /// The CONNECT request, with the client's headers.
+    fn request<B>(&self, body: B) -> Result<Request<B>, UpstreamFailure> {
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(self.authority.as_str())
+            .body(body)
+            .map_err(|e| UpstreamFailure {
+                reason: format!("invalid CONNECT target: {e}"),
+                tls: false,
+            })?;
+        *req.headers_mut() = self.headers.clone();
+        Ok(req)
+    }
+
     /// Sends the CONNECT on `tcp`, a new connection to the proxy, and reads
     /// the proxy's answer.
     pub async fn open(&self, tcp: TcpStream) -> Result<Opened, UpstreamFailure> {
-        let fail = |reason: String| UpstreamFailure { reason, tls: false };
         let exchange = async {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
                     .await
-                    .map_err(|e| fail(format!("proxy handshake failed: {e}")))?;
+                    .map_err(|e| UpstreamFailure {
+                        reason: format!("proxy handshake failed: {e}"),
+                        tls: false,
+                    })?;
             tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
             });
-            let mut req = Request::builder()
-                .method(Method::CONNECT)
-                .uri(self.authority.as_str())
-                .body(Empty::new())
-                .map_err(|e| fail(format!("invalid CONNECT target: {e}")))?;
-            *req.headers_mut() = self.headers.clone();
-            let mut resp = sender
-                .send_request(req)
+            let resp = sender
+                .send_request(self.request(Empty::new())?)
                 .await
-                .map_err(|e| fail(format!("the proxy did not answer the CONNECT: {e}")))?;
-            if !resp.status().is_success() {
-                return Ok(Opened::Refused(resp));
-            }
-            let upgraded = hyper::upgrade::on(&mut resp)
-                .await
-                .map_err(|e| fail(format!("the proxy's tunnel failed: {e}")))?;
-            let parts = upgraded
-                .downcast::<TokioIo<TcpStream>>()
-                .map_err(|_| fail("the proxy's tunnel is not a TCP stream".into()))?;
-            let (head, _) = resp.into_parts();
-            Ok(Opened::Established {
-                stream: parts.io.into_inner(),
-                head,
-                early: parts.read_buf,
-            })
+                .map_err(|e| UpstreamFailure {
+                    reason: format!("the proxy did not answer the CONNECT: {e}"),
+                    tls: false,
+                })?;
+            answer(resp).await
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, exchange)
-            .await
-            .map_err(|_| {
-                fail(format!(
-                    "the proxy did not answer the CONNECT within {}s",
-                    CONNECT_TIMEOUT.as_secs()
-                ))
-            })?
+        within_connect_timeout(exchange).await
     }
 
     /// A tunnel for a new upstream connection: [`Self::open`], where only
@@ -183,6 +175,44 @@ impl TunnelRequest {
     }
 }
 
+/// What the proxy's answer to a CONNECT means: a 2xx hands over the
+/// connection (which hyper's client gives back as the `TcpStream` it was
+/// built on, with whatever it read past the head); anything else is a
+/// refusal.
+async fn answer(mut resp: Response<Incoming>) -> Result<Opened, UpstreamFailure> {
+    let fail = |reason: String| UpstreamFailure { reason, tls: false };
+    if !resp.status().is_success() {
+        return Ok(Opened::Refused(resp));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| fail(format!("the proxy's tunnel failed: {e}")))?;
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| fail("the proxy's tunnel is not a TCP stream".into()))?;
+    let (head, _) = resp.into_parts();
+    Ok(Opened::Established {
+        stream: parts.io.into_inner(),
+        head,
+        early: parts.read_buf,
+    })
+}
+
+/// A CONNECT exchange, bounded like a connect.
+async fn within_connect_timeout(
+    exchange: impl std::future::Future<Output = Result<Opened, UpstreamFailure>>,
+) -> Result<Opened, UpstreamFailure> {
+    tokio::time::timeout(CONNECT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| UpstreamFailure {
+            reason: format!(
+                "the proxy did not answer the CONNECT within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+            tls: false,
+        })?
+}
+
 /// The proxy's answer to a CONNECT, for the pipeline.
 pub enum Connected {
     /// A tunnel: answer the client with `head`, then [`spawn`] its carrier
@@ -199,19 +229,19 @@ pub enum Connected {
     },
 }
 
-/// Asks the proxy (the connection's original destination), on a new
-/// connection to it, for the tunnel a CONNECT names.
+/// Asks the proxy (the connection's original destination) for the tunnel a
+/// CONNECT names, on the agent's connection to it for this client: one
+/// proxy connection per client connection, as without Guard, so a proxy
+/// that authenticates the connection (NTLM, Negotiate) sees the client's
+/// retries where it expects them.
 pub async fn connect(
     ctx: &ConnContext,
     tunnel: &TunnelRequest,
 ) -> Result<Connected, UpstreamFailure> {
-    let tcp = connect_tcp(ctx.dst, ctx.mark)
-        .await
-        .map_err(|e| UpstreamFailure {
-            reason: describe_connect_error(&e),
-            tls: false,
-        })?;
-    match tunnel.open(tcp).await? {
+    let upstream = ctx.upstream.as_ref().map_err(Clone::clone)?;
+    let request = tunnel.request(super::body::full(Bytes::new()))?;
+    let opened = within_connect_timeout(async { answer(upstream.send(request).await?).await });
+    match opened.await? {
         Opened::Established {
             stream,
             head,
