@@ -2,8 +2,8 @@
 //! redirected, finds out who made them, applies policy, forwards them and
 //! records what happened; and the CLI that talks to it.
 //!
-//! One module per concern (see ARCHITECTURE.md for the map). Only `intercept`
-//! and `http` sit on the hot path.
+//! One module per concern (see `docs/ARCHITECTURE.md` for the map). Only
+//! `intercept` and `http` sit on the hot path.
 
 pub mod admin;
 pub mod allocator;
