@@ -1105,8 +1105,9 @@ fn https_through_an_explicit_proxy_is_inspected_inside_its_connect_tunnel() {
     assert_eq!(body["path"], "/v2/tunnel", "{body:#}");
     assert_eq!(body["alpn"], "h2", "{body:#}");
 
-    // The server closes its connection after a response: the agent opens a
-    // new tunnel for the next request, and the client keeps its connection.
+    // The server closes its connection after a response (`Connection:
+    // close`): the tunnel ends, and the client's connection with it, as
+    // through the proxy alone; curl opens a new one for the next request.
     let out = run_ok(agent.exec("curl").args([
         "-sS",
         "--max-time",
@@ -1263,9 +1264,10 @@ print(s.recv(64).decode())
         "SSH-2.0-GuardTest\nping\n"
     );
 
-    // The proxy saw seven tunnels to api.test (one for each client
-    // connection, and one more when the server closed), with the client's
-    // own headers; the untrusting and the malformed clients' tunnels too.
+    // The proxy saw seven tunnels to api.test, one for each client
+    // connection (curl's two for the closing server included), with the
+    // client's own headers; the untrusting and the malformed clients'
+    // tunnels too.
     let connects: Vec<String> = proxy
         .heads()
         .into_iter()
@@ -1285,8 +1287,7 @@ print(s.recv(64).decode())
     );
     assert_eq!(server.requests().len(), 6);
     // One proxy connection per client connection, as without Guard (a
-    // proxy that authenticates connections needs that), and one more for
-    // the new tunnel after the server closed: ten clients so far.
+    // proxy that authenticates connections needs that): eleven so far.
     assert_eq!(proxy.connections(), 11);
     // Every tunnel reached the server (the proxy connects when it answers
     // the CONNECT), the untrusting and the malformed clients' with no
@@ -1296,7 +1297,7 @@ print(s.recv(64).decode())
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.
     let proxy_dst = proxy.addr.to_string();
-    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 12);
+    let events = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 13);
     let masked = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "mask"], 1);
     let (others, events): (Vec<Value>, Vec<Value>) = events
         .into_iter()
@@ -1324,16 +1325,16 @@ print(s.recv(64).decode())
         auth.iter().all(|e| e["conn_id"] == auth[0]["conn_id"]),
         "{auth:#?}"
     );
-    assert_eq!(events.len(), 9, "{events:#?}");
+    assert_eq!(events.len(), 10, "{events:#?}");
     let tunnels: Vec<&Value> = events
         .iter()
         .filter(|e| e["http"]["method"] == "CONNECT")
         .collect();
-    assert_eq!(tunnels.len(), 4, "{events:#?}");
-    assert_eq!(
+    assert_eq!(tunnels.len(), 5, "{events:#?}");
+    assert_ne!(
         by_path(&events, "/close/first")["conn_id"],
         by_path(&events, "/close/second")["conn_id"],
-        "the client kept its connection"
+        "the client's connection outlived the tunnel it carried"
     );
     for t in &tunnels {
         assert_eq!(t["http"]["host"], "api.test", "{t:#}");
@@ -1396,7 +1397,7 @@ print(s.recv(64).decode())
         "{:#?}",
         proxy.heads()
     );
-    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 13);
+    let plain_ev = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 14);
     let plain_ev = by_path(&plain_ev, "/via-proxy");
     assert_eq!(plain_ev["http"]["host"], "plain.test", "{plain_ev:#}");
     assert_eq!(plain_ev["http"]["scheme"], "http");
@@ -1411,6 +1412,51 @@ print(s.recv(64).decode())
         "{show}"
     );
     assert!(show.contains("< HTTP/1.1 200"), "{show}");
+
+    // The server inside an authenticated tunnel closes its connection,
+    // once saying so and once not (as an idle timeout does): each time the
+    // client's connection ends with the tunnel, and curl opens and
+    // authenticates a new one, as through the proxy alone. Guard never
+    // sends the client's credentials on a connection of its own: this proxy
+    // refuses credentials on a connection it has not challenged.
+    let connections = proxy.connections();
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http1.1",
+        "--proxy-anyauth",
+        "--proxy-user",
+        "proxy:secret",
+        "--proxy",
+        &proxy_url,
+        "-w",
+        "\n",
+        &format!("https://auth.pinned.test:{port}/close/auth"),
+        &format!("https://auth.pinned.test:{port}/drop/first"),
+        &format!("https://auth.pinned.test:{port}/drop/second"),
+    ]));
+    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["path"].to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        ["\"/close/auth\"", "\"/drop/first\"", "\"/drop/second\""]
+    );
+    assert_eq!(proxy.connections(), connections + 3);
+    // The request that found its tunnel closed: recorded on the old
+    // connection, the client's retry on a new one.
+    let errors = agent.wait_events(&["--http", "--verdict", "error"], 4);
+    let closed = by_error(&errors, "the tunnel through the proxy closed");
+    assert_eq!(closed["http"]["path"], "/drop/second", "{closed:#}");
+    // Three authenticated tunnels (a 407, a 200 and a request each).
+    let allowed = agent.wait_events(&["--http", "--dest", &proxy_dst, "--verdict", "allow"], 23);
+    let first = by_path(&allowed, "/drop/first");
+    let second = by_path(&allowed, "/drop/second");
+    assert_eq!(first["conn_id"], closed["conn_id"], "{first:#}");
+    assert_ne!(second["conn_id"], closed["conn_id"], "{second:#}");
+    assert_eq!(second["http"]["status"], 200, "{second:#}");
 
     let all = serde_json::to_string(&agent.events(&[])).unwrap();
     assert!(

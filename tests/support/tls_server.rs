@@ -10,6 +10,8 @@
 //!   frames come back unmasked, a close frame is answered and ends it);
 //! - paths starting `/close`: as below, then (HTTP/1.1) the server closes
 //!   the connection (`Connection: close`);
+//! - paths starting `/drop`: as below, then the server closes the
+//!   connection without saying so first (as an idle timeout does);
 //! - anything else: the request body is streamed through SHA-256 and the
 //!   answer is a JSON object with `method`, `path`, `query`, `version`,
 //!   `host`, `alpn`, `body_len`, `body_sha256`.
@@ -313,14 +315,33 @@ async fn serve_conn<IO>(io: IO, st: Arc<State>, alpn: Option<String>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let dropping = Arc::new(tokio::sync::Notify::new());
+    let drop_after = Arc::clone(&dropping);
     let svc = hyper::service::service_fn(move |req| {
         let st = Arc::clone(&st);
         let alpn = alpn.clone();
-        async move { Ok::<_, Infallible>(handle(req, st, alpn).await) }
+        let drop_after = Arc::clone(&drop_after);
+        async move {
+            let dropping = req.uri().path().starts_with("/drop");
+            let resp = handle(req, st, alpn).await;
+            if dropping {
+                drop_after.notify_one();
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await;
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = dropping.notified() => {
+            // Keep-alive off while the response is in flight: hyper sends
+            // it with no `Connection: close`, then closes.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 type RespBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;

@@ -49,6 +49,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// True when `Connection` asks for the connection to close after this
+/// message.
+pub fn asks_to_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
 /// One header as an event records it: a credential value as its keyed
 /// fingerprint; any other value as `masked` (the value with every DLP
 /// finding masked) when something was found, else as it is.

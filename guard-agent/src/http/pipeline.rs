@@ -11,10 +11,9 @@
 //! after everything recorded was taken, so no event holds a secret.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Instant,
@@ -31,10 +30,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
     body::{buffer_up_to, chain, full, Buffered, PipeBody, RecordingBody},
-    headers::{record_headers, strip_hop_by_hop},
+    headers::{asks_to_close, record_headers, strip_hop_by_hop},
     inspect::{Inspector, Located, RequestInspection, EXCERPT_BYTES, MAX_INSPECT_BYTES},
     tunnel::{self, ConnectEvent, Connected, TunnelRequest},
-    upstream::{Upstream, UpstreamFailure},
+    upstream::{SendError, Upstream, UpstreamFailure},
 };
 use crate::{
     approval::{Approvals, Denial, HeldRequest},
@@ -83,22 +82,81 @@ where
     // the upgraded sessions end and record themselves.
     let upgrades = Upgrades::default();
     let (_stop, stopped) = tokio::sync::watch::channel(());
+    let closing = Arc::new(Closing::default());
     let tasks = upgrades.clone();
+    let close = Arc::clone(&closing);
     let svc = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
         let tasks = tasks.clone();
         let stopped = stopped.clone();
-        async move { Ok::<_, Infallible>(handle(req, ctx, tasks, stopped).await) }
+        let close = Arc::clone(&close);
+        async move {
+            let resp = handle(req, ctx, tasks, stopped).await;
+            if resp.extensions().get::<CloseUnanswered>().is_some() {
+                close.start();
+                return Err(TunnelClosed(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+            }
+            Ok(resp)
+        }
     });
-    let res = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-        .map_err(|e| e.to_string());
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        () = closing.notify.notified() => {
+            // HTTP/2: no new streams (GOAWAY); the others finish.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     let pending = std::mem::take(&mut *upgrades.0.lock().unwrap_or_else(|e| e.into_inner()));
     for t in pending {
         let _ = t.await;
     }
-    res
+    match res {
+        // Closed on purpose, the event already recorded.
+        Err(_) if closing.started.load(Ordering::Relaxed) => Ok(()),
+        r => r.map_err(|e| e.to_string()),
+    }
+}
+
+/// Marks the response of a request that found its proxy tunnel closed
+/// (see [`tunnel_closed`]): it is not sent, the client's connection closes.
+#[derive(Clone, Copy)]
+struct CloseUnanswered;
+
+/// The service error for such a request: hyper closes an HTTP/1 connection
+/// without an answer, and resets an HTTP/2 stream with the reason found in
+/// the error's source, `REFUSED_STREAM` (not processed: safe to retry).
+#[derive(Debug)]
+struct TunnelClosed(h2::Error);
+
+impl std::fmt::Display for TunnelClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the tunnel through the proxy closed")
+    }
+}
+
+impl std::error::Error for TunnelClosed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// A client connection that is to close because its tunnel did.
+#[derive(Default)]
+struct Closing {
+    started: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Closing {
+    fn start(&self) {
+        self.started.store(true, Ordering::Relaxed);
+        // A stored permit: `serve` sees it even if it is not waiting yet.
+        self.notify.notify_one();
+    }
 }
 
 /// The tasks carrying upgraded streams of one connection.
@@ -440,7 +498,10 @@ async fn handle(
 
     let resp = match upstream.send(up_req).await {
         Ok(r) => r,
-        Err(fail) => return bad_gateway(&ctx, ev, rec, started, &fail, "upstream failed"),
+        Err(SendError::Failed(fail)) => {
+            return bad_gateway(&ctx, ev, rec, started, &fail, "upstream failed")
+        }
+        Err(SendError::TunnelClosed) => return tunnel_closed(&ctx, ev, rec, started),
     };
     let mut resp = resp;
     rec.ttfb_ms = Some(ms(started));
@@ -477,12 +538,21 @@ async fn handle(
         ctx.inspector.mask_header_for_record(n, v)
     });
 
-    // 7. Respond, recording when the response body ends.
+    // 7. Respond, recording when the response body ends. A server inside a
+    // proxy tunnel that closes its connection ends the tunnel, and the
+    // client's connection ends with it, as through the proxy alone.
     let (mut rparts, rbody) = resp.into_parts();
+    let close_client =
+        upstream.in_tunnel() && asks_to_close(&rparts.headers) && rec.version != "HTTP/2";
     strip_hop_by_hop(
         &mut rparts.headers,
         rparts.status == StatusCode::SWITCHING_PROTOCOLS,
     );
+    if close_client {
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let ctx2 = Arc::clone(&ctx);
     let body = RecordingBody::new(
         rbody,
@@ -528,6 +598,28 @@ fn bad_gateway(
     let body = json!({"error": error, "problem": fail.reason, "event_id": ev.id});
     finish(ctx, ev, rec, started);
     json_response(StatusCode::BAD_GATEWAY, body)
+}
+
+/// A request whose tunnel through the proxy closed before the server
+/// answered it: recorded, and answered by closing the client's connection
+/// ([`serve`]), as the proxy closing the tunnel would have. The client's
+/// retry opens a tunnel of its own, with its own credentials.
+fn tunnel_closed(
+    ctx: &ConnContext,
+    mut ev: Event,
+    rec: HttpRecord,
+    started: Instant,
+) -> Response<PipeBody> {
+    ev.verdict = Verdict::Error;
+    ev.error = Some(
+        "the tunnel through the proxy closed before the server answered: the client's \
+         connection was closed so that it retries on a tunnel of its own"
+            .into(),
+    );
+    finish(ctx, ev, rec, started);
+    let mut resp = Response::new(full(Bytes::new()));
+    resp.extensions_mut().insert(CloseUnanswered);
+    resp
 }
 
 /// Step 6 for a CONNECT: opens the tunnel through the proxy and answers

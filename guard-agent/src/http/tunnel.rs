@@ -23,6 +23,15 @@
 //! server behind the tunnel, its first bytes arriving with the proxy's
 //! answer), nothing is skipped: those bytes go to the client first and the
 //! tunnel is carried as it is.
+//!
+//! When the server inside closes its connection, the tunnel ends with it
+//! and so does the client's connection, as the proxy would have ended it:
+//! a `Connection: close` from the server reaches the client, and a request
+//! that finds the tunnel already closed is not answered (HTTP/1: the
+//! connection closes; HTTP/2: the stream is refused and the connection
+//! goes away), so the client retries on a connection and tunnel of its own.
+//! Guard never opens a second tunnel with the client's credentials: a proxy
+//! that authenticates each connection (NTLM) would refuse it.
 
 use std::{
     io,
@@ -35,7 +44,7 @@ use std::{
 
 use bytes::{Buf, Bytes};
 use http::{request, HeaderMap, Method, Request, Response};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -64,28 +73,12 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// What Guard sends a proxy to open a tunnel: the client's CONNECT target
-/// and headers (`Proxy-Authorization` included: they are the proxy's), kept
-/// to open another tunnel when the upstream inside closes a keep-alive
-/// connection.
+/// and headers (`Proxy-Authorization` included: they are the proxy's).
 #[derive(Debug)]
 pub struct TunnelRequest {
     /// `host:port`, as the client asked.
     pub authority: String,
     headers: HeaderMap,
-}
-
-/// The proxy's answer to a CONNECT.
-pub enum Opened {
-    /// 2xx: `stream` is the tunnel (the proxy's connection), `head` the
-    /// proxy's response head, `early` what the far end already sent through
-    /// it (read with the head; empty unless it speaks first).
-    Established {
-        stream: TcpStream,
-        head: http::response::Parts,
-        early: Bytes,
-    },
-    /// Anything else, to be passed to the client as it is.
-    Refused(Response<Incoming>),
 }
 
 impl TunnelRequest {
@@ -122,86 +115,39 @@ impl TunnelRequest {
         *req.headers_mut() = self.headers.clone();
         Ok(req)
     }
-
-    /// Sends the CONNECT on `tcp`, a new connection to the proxy, and reads
-    /// the proxy's answer.
-    pub async fn open(&self, tcp: TcpStream) -> Result<Opened, UpstreamFailure> {
-        let exchange = async {
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| UpstreamFailure {
-                        reason: format!("proxy handshake failed: {e}"),
-                        tls: false,
-                    })?;
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-            let resp = sender
-                .send_request(self.request(Empty::new())?)
-                .await
-                .map_err(|e| UpstreamFailure {
-                    reason: format!("the proxy did not answer the CONNECT: {e}"),
-                    tls: false,
-                })?;
-            answer(resp).await
-        };
-        within_connect_timeout(exchange).await
-    }
-
-    /// A tunnel for a new upstream connection: [`Self::open`], where only
-    /// an established tunnel will do.
-    pub async fn reopen(&self, tcp: TcpStream) -> Result<TcpStream, UpstreamFailure> {
-        match self.open(tcp).await? {
-            // An HTTP or TLS server never speaks first.
-            Opened::Established { stream, early, .. } if early.is_empty() => Ok(stream),
-            Opened::Established { early, .. } => Err(UpstreamFailure {
-                reason: format!(
-                    "the far end of a new tunnel to {} sent {} bytes before the request",
-                    self.authority,
-                    early.len()
-                ),
-                tls: false,
-            }),
-            Opened::Refused(resp) => Err(UpstreamFailure {
-                reason: format!(
-                    "the proxy refused a new tunnel to {}: {}",
-                    self.authority,
-                    resp.status()
-                ),
-                tls: false,
-            }),
-        }
-    }
 }
 
-/// What the proxy's answer to a CONNECT means: a 2xx hands over the
-/// connection (which hyper's client gives back as the `TcpStream` it was
-/// built on, with whatever it read past the head); anything else is a
-/// refusal.
-async fn answer(mut resp: Response<Incoming>) -> Result<Opened, UpstreamFailure> {
-    let fail = |reason: String| UpstreamFailure { reason, tls: false };
-    if !resp.status().is_success() {
-        return Ok(Opened::Refused(resp));
-    }
-    let upgraded = hyper::upgrade::on(&mut resp)
-        .await
-        .map_err(|e| fail(format!("the proxy's tunnel failed: {e}")))?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| fail("the proxy's tunnel is not a TCP stream".into()))?;
-    let (head, _) = resp.into_parts();
-    Ok(Opened::Established {
-        stream: parts.io.into_inner(),
-        head,
-        early: parts.read_buf,
-    })
+/// The proxy's answer to a CONNECT, for the pipeline.
+pub enum Connected {
+    /// 2xx: answer the client with `head`, then [`spawn`] the carrier of
+    /// `stream`, the tunnel (the proxy's connection); `early` is what the
+    /// far end already sent through it (read with the head; empty unless it
+    /// speaks first).
+    Tunnel {
+        head: http::response::Parts,
+        stream: TcpStream,
+        early: Bytes,
+    },
+    /// Anything else, passed to the client as it is, its body read
+    /// (bounded).
+    Refused {
+        head: http::response::Parts,
+        body: Bytes,
+    },
 }
 
-/// A CONNECT exchange, bounded like a connect.
-async fn within_connect_timeout(
-    exchange: impl std::future::Future<Output = Result<Opened, UpstreamFailure>>,
-) -> Result<Opened, UpstreamFailure> {
+/// Asks the proxy (the connection's original destination) for the tunnel a
+/// CONNECT names, on the agent's connection to it for this client: one
+/// proxy connection per client connection, as without Guard, so a proxy
+/// that authenticates the connection (NTLM, Negotiate) sees the client's
+/// retries where it expects them. Bounded like a connect.
+pub async fn connect(
+    ctx: &ConnContext,
+    tunnel: &TunnelRequest,
+) -> Result<Connected, UpstreamFailure> {
+    let upstream = ctx.upstream.as_ref().map_err(Clone::clone)?;
+    let request = tunnel.request(super::body::full(Bytes::new()))?;
+    let exchange = async { answer(upstream.send(request).await?).await };
     tokio::time::timeout(CONNECT_TIMEOUT, exchange)
         .await
         .map_err(|_| UpstreamFailure {
@@ -213,54 +159,33 @@ async fn within_connect_timeout(
         })?
 }
 
-/// The proxy's answer to a CONNECT, for the pipeline.
-pub enum Connected {
-    /// A tunnel: answer the client with `head`, then [`spawn`] its carrier
-    /// (`early`: see [`Opened::Established`]).
-    Tunnel {
-        head: http::response::Parts,
-        stream: TcpStream,
-        early: Bytes,
-    },
-    /// The proxy's refusal, its body read (bounded), for the client.
-    Refused {
-        head: http::response::Parts,
-        body: Bytes,
-    },
-}
-
-/// Asks the proxy (the connection's original destination) for the tunnel a
-/// CONNECT names, on the agent's connection to it for this client: one
-/// proxy connection per client connection, as without Guard, so a proxy
-/// that authenticates the connection (NTLM, Negotiate) sees the client's
-/// retries where it expects them.
-pub async fn connect(
-    ctx: &ConnContext,
-    tunnel: &TunnelRequest,
-) -> Result<Connected, UpstreamFailure> {
-    let upstream = ctx.upstream.as_ref().map_err(Clone::clone)?;
-    let request = tunnel.request(super::body::full(Bytes::new()))?;
-    let opened = within_connect_timeout(async { answer(upstream.send(request).await?).await });
-    match opened.await? {
-        Opened::Established {
-            stream,
-            head,
-            early,
-        } => Ok(Connected::Tunnel {
-            head,
-            stream,
-            early,
-        }),
-        Opened::Refused(resp) => {
-            let (head, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_REFUSAL_BODY)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            Ok(Connected::Refused { head, body })
-        }
+/// What the proxy's answer to a CONNECT means: a 2xx hands over the
+/// connection (which hyper's client gives back as the `TcpStream` it was
+/// built on, with whatever it read past the head); anything else is a
+/// refusal.
+async fn answer(mut resp: Response<Incoming>) -> Result<Connected, UpstreamFailure> {
+    let fail = |reason: String| UpstreamFailure { reason, tls: false };
+    if !resp.status().is_success() {
+        let (head, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_REFUSAL_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Ok(Connected::Refused { head, body });
     }
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| fail(format!("the proxy's tunnel failed: {e}")))?;
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| fail("the proxy's tunnel is not a TCP stream".into()))?;
+    let (head, _) = resp.into_parts();
+    Ok(Connected::Tunnel {
+        head,
+        stream: parts.io.into_inner(),
+        early: parts.read_buf,
+    })
 }
 
 /// Records the CONNECT's event once what its tunnel carries is known: the
@@ -376,11 +301,10 @@ async fn carry_inner(
             return;
         }
     };
-    let tunnel = Arc::new(tunnel);
-    let via = || UpstreamVia {
+    let via = UpstreamVia {
         addr: ctx.dst,
         mark: ctx.mark,
-        tunnel: Some(Arc::clone(&tunnel)),
+        in_tunnel: true,
     };
     let settings = Arc::clone(&ctx.inspect);
     let host = tunnel.host().to_ascii_lowercase();
@@ -396,7 +320,7 @@ async fn carry_inner(
             let server = rustls::pki_types::ServerName::try_from(name.clone())
                 .map_err(|_| crate::tls::upstream::UpstreamError::InvalidServerName(name));
             let leaf_ip = host.parse::<IpAddr>().ok();
-            match terminate_tls(&settings, client, up, via(), &hello, server, leaf_ip).await {
+            match terminate_tls(&settings, client, up, via, &hello, server, leaf_ip).await {
                 Err(TlsFailed::Mint { error, .. }) => {
                     event.record(Some(error.clone()), None);
                     Err(error)
@@ -440,7 +364,7 @@ async fn carry_inner(
                 mark: ctx.mark,
                 tls: None,
                 alpn: Vec::new(),
-                tunnel: Some(Arc::clone(&tunnel)),
+                in_tunnel: true,
             };
             let upstream = Upstream::start(target, up).await.map(Arc::new);
             let mut template = ctx.template.clone();

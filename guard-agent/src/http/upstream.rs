@@ -11,8 +11,16 @@
 //!
 //! Requests on HTTP/1.1 are sent one at a time, as the client sends them;
 //! when the upstream closes a keep-alive connection, the next request opens
-//! a new one (inside a CONNECT tunnel: a new tunnel through the same proxy).
+//! a new one. A request that the closing connection never wrote (it closed
+//! between the request being queued and written, which hyper reports by
+//! handing the request back) is sent once more on a new connection.
 //! HTTP/2 requests are multiplexed on one connection.
+//!
+//! Inside a CONNECT tunnel there is no new connection: the tunnel belongs
+//! to the client's connection to the proxy, which may have authenticated
+//! it (NTLM, Negotiate). When it closes, [`SendError::TunnelClosed`] tells
+//! the pipeline to close the client's connection, as the proxy would have,
+//! so that the client opens and authenticates a tunnel of its own.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -48,10 +56,32 @@ pub struct UpstreamTarget {
     pub tls: Option<(Arc<UpstreamTls>, ServerName<'static>)>,
     /// ALPN to offer the upstream (the client's list).
     pub alpn: Vec<String>,
-    /// The client's tunnel through an explicit proxy at `addr`: a new
-    /// connection to the upstream is a new connection to the proxy and a
-    /// CONNECT on it (see [`super::tunnel`]).
-    pub tunnel: Option<Arc<super::tunnel::TunnelRequest>>,
+    /// The connection is a tunnel through an explicit proxy at `addr` (see
+    /// [`super::tunnel`]): it is never replaced by a new one.
+    pub in_tunnel: bool,
+}
+
+/// Why a request was not answered by the upstream.
+#[derive(Debug)]
+pub enum SendError {
+    /// The upstream failed: the client gets a 502 naming the problem.
+    Failed(UpstreamFailure),
+    /// The tunnel through the proxy closed before the server answered (as
+    /// a rule, before the request was written): the client's connection
+    /// ends, and the client retries on a tunnel of its own.
+    TunnelClosed,
+}
+
+impl From<SendError> for UpstreamFailure {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Failed(f) => f,
+            SendError::TunnelClosed => UpstreamFailure {
+                reason: "the tunnel through the proxy closed".into(),
+                tls: false,
+            },
+        }
+    }
 }
 
 enum Sender {
@@ -147,24 +177,44 @@ impl Upstream {
     }
 
     async fn reconnect(&self) -> Result<Sender, UpstreamFailure> {
-        let mut tcp = connect_tcp(self.target.addr, self.target.mark)
+        let tcp = connect_tcp(self.target.addr, self.target.mark)
             .await
             .map_err(|e| UpstreamFailure {
                 reason: describe_connect_error(&e),
                 tls: false,
             })?;
-        if let Some(tunnel) = &self.target.tunnel {
-            tcp = tunnel.reopen(tcp).await?;
-        }
         Ok(handshake(&self.target, tcp).await?.sender)
     }
 
+    /// True when this upstream is a tunnel through a proxy.
+    pub fn in_tunnel(&self) -> bool {
+        self.target.in_tunnel
+    }
+
     /// Sends one request and returns the upstream's response head and body.
-    pub async fn send(&self, req: Request<UpBody>) -> Result<Response<Incoming>, UpstreamFailure> {
-        let upstream_err = |e: hyper::Error| UpstreamFailure {
-            reason: format!("upstream request failed: {e}"),
-            tls: false,
-        };
+    pub async fn send(&self, req: Request<UpBody>) -> Result<Response<Incoming>, SendError> {
+        match self.try_send(req).await? {
+            Ok(resp) => Ok(resp),
+            // The connection closed before writing it: a new connection
+            // (the old one now fails its readiness check), once.
+            Err(req) => match self.try_send(req).await? {
+                Ok(resp) => Ok(resp),
+                Err(_) => Err(SendError::Failed(UpstreamFailure {
+                    reason: "the upstream closed two connections before the request could be sent"
+                        .into(),
+                    tls: false,
+                })),
+            },
+        }
+    }
+
+    /// One attempt on the current connection (or a new one if it is
+    /// closed); `Ok(Err(req))` when the connection closed before `req` was
+    /// written.
+    async fn try_send(
+        &self,
+        req: Request<UpBody>,
+    ) -> Result<Result<Response<Incoming>, Request<UpBody>>, SendError> {
         let mut slot = self.sender.lock().await;
         let usable = match slot.as_mut() {
             Some(Sender::H1(s)) => s.ready().await.is_ok(),
@@ -172,20 +222,37 @@ impl Upstream {
             None => false,
         };
         if !usable {
-            *slot = Some(self.reconnect().await?);
+            if self.target.in_tunnel {
+                return Err(SendError::TunnelClosed);
+            }
+            *slot = Some(self.reconnect().await.map_err(SendError::Failed)?);
         }
-        match slot.as_mut().expect("connected above") {
+        let sent = match slot.as_mut().expect("connected above") {
             Sender::H2(s) => {
                 let mut s = s.clone();
                 drop(slot);
-                s.send_request(req).await.map_err(upstream_err)
+                s.try_send_request(req).await
             }
-            Sender::H1(s) => {
-                // HTTP/1.1: the client sends one request at a time on this
-                // connection, so holding the slot until the head arrives
-                // keeps requests in order.
-                s.send_request(req).await.map_err(upstream_err)
-            }
+            // HTTP/1.1: the client sends one request at a time on this
+            // connection, so holding the slot until the head arrives keeps
+            // requests in order.
+            Sender::H1(s) => s.try_send_request(req).await,
+        };
+        match sent {
+            Ok(resp) => Ok(Ok(resp)),
+            Err(mut e) => match e.take_message() {
+                Some(_) if self.target.in_tunnel => Err(SendError::TunnelClosed),
+                Some(req) => Ok(Err(req)),
+                // A tunnel that closed without a byte of answer (it closed
+                // as the request went out) ended like a closed one.
+                None if self.target.in_tunnel && e.error().is_incomplete_message() => {
+                    Err(SendError::TunnelClosed)
+                }
+                None => Err(SendError::Failed(UpstreamFailure {
+                    reason: format!("upstream request failed: {}", e.into_error()),
+                    tls: false,
+                })),
+            },
         }
     }
 

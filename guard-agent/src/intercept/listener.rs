@@ -329,7 +329,7 @@ async fn carry(
                 mark: ctx.mark,
                 tls: None,
                 alpn: Vec::new(),
-                tunnel: None,
+                in_tunnel: false,
             };
             let upstream = Upstream::start(target, up).await.map(Arc::new);
             let conn = conn_context(ctx, ev, dst, None, "http", upstream, facts);
@@ -457,7 +457,7 @@ async fn inspect_tls(
     let upstream_via = UpstreamVia {
         addr: dst,
         mark: ctx.mark,
-        tunnel: None,
+        in_tunnel: false,
     };
     match terminate_tls(
         &ctx.inspect,
@@ -496,7 +496,8 @@ async fn inspect_tls(
 pub struct UpstreamVia {
     pub addr: SocketAddr,
     pub mark: u32,
-    pub tunnel: Option<Arc<crate::http::tunnel::TunnelRequest>>,
+    /// A tunnel through the proxy at `addr`, already open on `up`.
+    pub in_tunnel: bool,
 }
 
 /// A client's TLS, terminated, and the upstream it is relayed to.
@@ -544,7 +545,7 @@ where
                 mark: via.mark,
                 tls: Some((Arc::clone(&settings.upstream_tls), name)),
                 alpn: offered.clone(),
-                tunnel: via.tunnel,
+                in_tunnel: via.in_tunnel,
             };
             Upstream::start(target, up).await.map(Arc::new)
         }
