@@ -192,6 +192,32 @@ fn curl_over_http1_and_http2_through_exec_is_terminated_forwarded_and_recorded()
         assert!(c["error"].is_null(), "{c:#}");
     }
     assert_eq!(server.requests().len(), 2);
+
+    // The server closes a keep-alive connection without saying so (as an
+    // idle timeout does): the next request goes upstream on a new
+    // connection, and the client keeps its own.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http1.1",
+        "--resolve",
+        &resolve("api.test", port),
+        "-w",
+        "\n",
+        &format!("https://api.test:{port}/drop/one"),
+        &format!("https://api.test:{port}/drop/two"),
+    ]));
+    let paths: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["path"].clone())
+        .collect();
+    assert_eq!(paths, ["/drop/one", "/drop/two"]);
+    let events = agent.wait_events(&["--http", "--dest", &dst], 4);
+    let (one, two) = (by_path(&events, "/drop/one"), by_path(&events, "/drop/two"));
+    assert_eq!(one["conn_id"], two["conn_id"], "{events:#?}");
+    assert_eq!(two["http"]["status"], 200, "{two:#}");
+    assert_eq!(server.connections(), 4);
 }
 
 const PY_RESOLVE: &str = r#"
