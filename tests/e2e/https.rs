@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, process::Output};
 use guard_harness::{
     external_v4, require_root, run_ok,
     servers::{pattern_block, pattern_sha256, ConnectProxy},
-    tls_server::{CertKind, TestCa, TlsServer},
+    tls_server::{CertKind, TestCa, TlsFront, TlsServer},
     Agent, AgentOptions, TestCgroup,
 };
 use serde_json::Value;
@@ -1188,17 +1188,47 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
     assert_eq!(blocked[0]["http"]["host"], "paste.test");
     assert_eq!(blocked[0]["policy"]["rule"], "no-tunnels-to-paste-sites");
 
-    // A proxy spoken to over TLS (an https:// proxy URL): its TLS is
-    // terminated, and a CONNECT inside is refused with a 502 that says why.
-    curl_connect_refused(
-        &agent,
-        &["--proxy-insecure", &format!("https://{}", proxy.addr)],
+    // A proxy spoken to over TLS (an https:// proxy URL; the same proxy
+    // behind a TLS front): the client's TLS to the proxy is terminated,
+    // the CONNECT goes to the proxy inside the agent's own TLS to it, and
+    // the tunnel inside that is looked into as any other.
+    let tls_proxy = TlsFront::start(external_v4(0), &ca, proxy.addr);
+    let tls_proxy_dst = tls_proxy.addr.to_string();
+    // curl reads no environment variable for a proxy's CA: the Guard CA is
+    // given to it (or installed with `guard-agent ca install`).
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--proxy-cacert",
+        agent.ca_pem_path().to_str().unwrap(),
+        "--proxy",
+        &format!("https://{tls_proxy_dst}"),
+        "-d",
+        &format!("key={AWS_KEY}"),
         &format!("https://api.test:{port}/over-tls-proxy"),
-        "502",
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/over-tls-proxy", "{body:#}");
+    let sent = format!("key={AWS_KEY}");
+    assert_eq!(body["body_len"], sent.len(), "masking keeps the length");
+    assert_ne!(
+        body["body_sha256"],
+        sha256_hex(sent.as_bytes()),
+        "the key reached the server unmasked through the TLS proxy"
     );
-    let refused = agent.wait_events(&["--http", "--verdict", "error"], 1);
-    let refused = by_error(&refused, "only on plaintext HTTP/1.1");
-    assert_eq!(refused["http"]["method"], "CONNECT", "{refused:#}");
+    let over_tls = agent.wait_events(&["--http", "--dest", &tls_proxy_dst], 2);
+    let connect = over_tls
+        .iter()
+        .find(|e| e["http"]["method"] == "CONNECT")
+        .unwrap_or_else(|| panic!("no CONNECT: {over_tls:#?}"));
+    assert_eq!(connect["http"]["scheme"], "https", "{connect:#}");
+    assert_eq!(connect["http"]["status"], 200, "{connect:#}");
+    assert_eq!(connect["tls"]["sni"], "api.test", "{connect:#}");
+    let inner = by_path(&over_tls, "/over-tls-proxy");
+    assert_eq!(inner["http"]["host"], "api.test", "{inner:#}");
+    assert_eq!(str_field(inner, "verdict"), "mask", "{inner:#}");
+    assert_eq!(inner["conn_id"], connect["conn_id"], "{over_tls:#?}");
 
     // A client that does not trust the Guard CA fails inside the tunnel,
     // and the CONNECT's event says why.
@@ -1214,7 +1244,7 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
         .output()
         .unwrap();
     assert!(!out.status.success(), "curl trusted the Guard's leaf");
-    let errors = agent.wait_events(&["--http", "--verdict", "error"], 2);
+    let errors = agent.wait_events(&["--http", "--verdict", "error"], 1);
     let untrusted = by_error(&errors, "the client rejected the TLS handshake");
     assert_eq!(untrusted["http"]["method"], "CONNECT", "{untrusted:#}");
     assert_eq!(untrusted["tls"]["sni"], "api.test", "{untrusted:#}");
@@ -1237,7 +1267,7 @@ print('closed' if s.recv(4096) == b'' else 'answered')
     );
     let out = run_ok(agent.exec("python3").args(["-c", &py]));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200\nclosed\n");
-    let errors = agent.wait_events(&["--http", "--verdict", "error"], 3);
+    let errors = agent.wait_events(&["--http", "--verdict", "error"], 2);
     let malformed = by_error(&errors, "malformed TLS ClientHello");
     assert_eq!(malformed["http"]["method"], "CONNECT", "{malformed:#}");
 
@@ -1290,16 +1320,16 @@ print(s.recv(64).decode())
         "SSH-2.0-GuardTest\nping\n"
     );
 
-    // The proxy saw seven tunnels to api.test, one for each client
-    // connection (curl's two for the closing server included), with the
-    // client's own headers; the untrusting and the malformed clients'
-    // tunnels too.
+    // The proxy saw eight tunnels to api.test, one for each client
+    // connection (curl's two for the closing server and the one through
+    // the TLS front included), with the client's own headers; the
+    // untrusting and the malformed clients' tunnels too.
     let connects: Vec<String> = proxy
         .heads()
         .into_iter()
         .filter(|h| h.starts_with("CONNECT api.test"))
         .collect();
-    assert_eq!(connects.len(), 7, "{connects:#?}");
+    assert_eq!(connects.len(), 8, "{connects:#?}");
     for head in &connects {
         assert!(
             head.starts_with(&format!("CONNECT api.test:{port} HTTP/1.1\r\n")),
@@ -1311,14 +1341,14 @@ print(s.recv(64).decode())
         "the proxy credentials did not reach the proxy: {}",
         connects[0]
     );
-    assert_eq!(server.requests().len(), 6);
+    assert_eq!(server.requests().len(), 7);
     // One proxy connection per client connection, as without Guard (a
     // proxy that authenticates connections needs that): eleven so far.
     assert_eq!(proxy.connections(), 11);
     // Every tunnel reached the server (the proxy connects when it answers
     // the CONNECT), the untrusting and the malformed clients' with no
     // request.
-    assert_eq!(server.connections(), 8);
+    assert_eq!(server.connections(), 9);
 
     // Each tunnel: its CONNECT, and the requests inside it, linked by the
     // connection id; all of it attributed to the client.
@@ -1473,7 +1503,7 @@ print(s.recv(64).decode())
     assert_eq!(proxy.connections(), connections + 3);
     // The request that found its tunnel closed: recorded on the old
     // connection, the client's retry on a new one.
-    let errors = agent.wait_events(&["--http", "--verdict", "error"], 4);
+    let errors = agent.wait_events(&["--http", "--verdict", "error"], 3);
     let closed = by_error(&errors, "the tunnel through the proxy closed");
     assert_eq!(closed["http"]["path"], "/drop/second", "{closed:#}");
     // Three authenticated tunnels (a 407, a 200 and a request each).

@@ -311,6 +311,58 @@ impl TlsServer {
     }
 }
 
+/// A TLS front for a plaintext service: what an `https://` proxy URL
+/// reaches. It terminates TLS with a certificate from the test CA for
+/// [`TEST_NAMES`] (ALPN http/1.1) and carries the plaintext both ways to
+/// `backend` (say a [`ConnectProxy`](crate::servers::ConnectProxy), which
+/// then is a proxy spoken to over TLS).
+pub struct TlsFront {
+    pub addr: SocketAddr,
+}
+
+impl TlsFront {
+    pub fn start(bind: SocketAddr, ca: &TestCa, backend: SocketAddr) -> Self {
+        assert!(
+            bind.ip().is_loopback() && backend.ip().is_loopback(),
+            "test servers talk only to loopback"
+        );
+        let (chain, key) = ca.issue(TEST_NAMES, CertKind::Valid);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let std_listener = std::net::TcpListener::bind(bind).expect("bind the TLS front");
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let rt = runtime();
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        rt.spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
 async fn serve_conn<IO>(io: IO, st: Arc<State>, alpn: Option<String>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

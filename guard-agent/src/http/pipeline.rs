@@ -635,10 +635,10 @@ async fn connect_tunnel(
     upgrades: &Upgrades,
     stopped: tokio::sync::watch::Receiver<()>,
 ) -> Response<PipeBody> {
-    if ctx.scheme != "http" || parts.version > Version::HTTP_11 {
+    if parts.version > Version::HTTP_11 {
         let fail = UpstreamFailure {
-            reason: "Guard looks into CONNECT tunnels only on plaintext HTTP/1.1 connections to a \
-                     proxy (an http:// proxy URL); this one is TLS or HTTP/2"
+            reason: "Guard looks into CONNECT tunnels only on HTTP/1.1 connections to a proxy; \
+                     this one is HTTP/2"
                 .into(),
             tls: false,
         };

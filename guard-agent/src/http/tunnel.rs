@@ -1,8 +1,11 @@
 //! CONNECT through an explicit HTTP proxy (`HTTPS_PROXY=http://proxy:3128`
-//! on a corporate network or a CI runner): the client's connection to the
-//! proxy is redirected like any other, and its `CONNECT host:port` asks the
-//! proxy for a tunnel. Guard asks for that tunnel itself, on its own
-//! connection to the proxy for this client, answers with the proxy's answer,
+//! on a corporate network or a CI runner, or an `https://` proxy spoken to
+//! over TLS, which the agent terminates and re-originates like any TLS):
+//! the client's connection to the proxy is redirected like any other, and
+//! its `CONNECT host:port` asks the proxy for a tunnel. Guard asks for that
+//! tunnel itself, on its own connection to the proxy for this client (inside
+//! its own TLS to the proxy, for an `https://` proxy: [`UpstreamIo`]),
+//! answers with the proxy's answer,
 //! and then treats what the client sends inside the tunnel as a connection
 //! of its own to `host:port`: TLS is terminated (a leaf for the SNI, or for
 //! the CONNECT host) and every request goes through the pipeline and gets
@@ -47,14 +50,11 @@ use http::{request, HeaderMap, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use super::{
     pipeline::{self, ConnContext},
-    upstream::{Upstream, UpstreamFailure, UpstreamTarget},
+    upstream::{Upstream, UpstreamFailure, UpstreamIo, UpstreamTarget},
 };
 use crate::{
     intercept::{
@@ -125,7 +125,7 @@ pub enum Connected {
     /// speaks first).
     Tunnel {
         head: http::response::Parts,
-        stream: TcpStream,
+        stream: UpstreamIo,
         early: Bytes,
     },
     /// Anything else, passed to the client as it is, its body read
@@ -177,14 +177,23 @@ async fn answer(mut resp: Response<Incoming>) -> Result<Connected, UpstreamFailu
     let upgraded = hyper::upgrade::on(&mut resp)
         .await
         .map_err(|e| fail(format!("the proxy's tunnel failed: {e}")))?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| fail("the proxy's tunnel is not a TCP stream".into()))?;
+    // The proxy's connection as the upstream module made it: plain, or
+    // TLS to the proxy (then the tunnel travels inside that TLS).
+    let (stream, early) = match upgraded.downcast::<TokioIo<UpstreamIo>>() {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        Err(upgraded) => {
+            let parts = upgraded
+                .downcast::<TokioIo<tokio_rustls::client::TlsStream<UpstreamIo>>>()
+                .map_err(|_| fail("the proxy's tunnel is not a stream Guard opened".into()))?;
+            let tls = Box::new(parts.io.into_inner());
+            (UpstreamIo::ProxyTls(tls), parts.read_buf)
+        }
+    };
     let (head, _) = resp.into_parts();
     Ok(Connected::Tunnel {
         head,
-        stream: parts.io.into_inner(),
-        early: parts.read_buf,
+        stream,
+        early,
     })
 }
 
@@ -228,7 +237,7 @@ pub fn spawn(
     ctx: &Arc<ConnContext>,
     tunnel: TunnelRequest,
     client_side: OnUpgrade,
-    stream: (TcpStream, Bytes),
+    stream: (UpstreamIo, Bytes),
     event: ConnectEvent,
     mut stopped: tokio::sync::watch::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
@@ -249,7 +258,7 @@ fn carry(
     ctx: Arc<ConnContext>,
     tunnel: TunnelRequest,
     client: OnUpgrade,
-    up: (TcpStream, Bytes),
+    up: (UpstreamIo, Bytes),
     event: ConnectEvent,
 ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(carry_inner(ctx, tunnel, client, up, event))
@@ -259,7 +268,7 @@ async fn carry_inner(
     ctx: Arc<ConnContext>,
     tunnel: TunnelRequest,
     client: OnUpgrade,
-    (up, early): (TcpStream, Bytes),
+    (up, early): (UpstreamIo, Bytes),
     event: ConnectEvent,
 ) {
     let started = Instant::now();
@@ -432,7 +441,7 @@ fn inner_context(
 /// Reads what the client sends first inside the tunnel until [`classify`]
 /// can tell what it is (or the upstream speaks first: opaque); returns the
 /// client with those bytes put back in front.
-async fn sniff<IO>(mut client: IO, up: &TcpStream) -> io::Result<(Prefixed<IO>, Sniff)>
+async fn sniff<IO>(mut client: IO, up: &UpstreamIo) -> io::Result<(Prefixed<IO>, Sniff)>
 where
     IO: AsyncRead + Unpin,
 {

@@ -22,12 +22,22 @@
 //! the pipeline to close the client's connection, as the proxy would have,
 //! so that the client opens and authenticates a tunnel of its own.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use hyper::{body::Incoming, client::conn, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
-use tokio::{net::TcpStream, sync::Mutex};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::Mutex,
+};
 
 use crate::{
     intercept::connect::{connect_tcp, describe_connect_error, CONNECT_TIMEOUT},
@@ -89,6 +99,91 @@ enum Sender {
     H2(conn::http2::SendRequest<UpBody>),
 }
 
+/// The byte stream an upstream connection runs on: TCP to the original
+/// destination (or to a plaintext proxy, a tunnel on it), or a tunnel
+/// inside the TLS a client spoke to its proxy (an `https://` proxy URL).
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    /// A CONNECT tunnel through a proxy reached over TLS: the proxy's TLS
+    /// stream, on which the tunnel's bytes travel.
+    ProxyTls(Box<tokio_rustls::client::TlsStream<UpstreamIo>>),
+}
+
+impl UpstreamIo {
+    /// The TCP connection underneath.
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamIo::Tcp(s) => s,
+            UpstreamIo::ProxyTls(s) => s.get_ref().0.tcp(),
+        }
+    }
+
+    /// Resolves when the far end has sent something (a server that speaks
+    /// first). Through a TLS proxy this is the TCP connection's readiness:
+    /// bytes the TLS layer already holds are not seen.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.tcp().readable().await
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::ProxyTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::ProxyTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::ProxyTls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Tcp(s) => s.is_write_vectored(),
+            UpstreamIo::ProxyTls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::ProxyTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::ProxyTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A lazily (re)connected upstream.
 pub struct Upstream {
     target: UpstreamTarget,
@@ -105,11 +200,11 @@ struct Connected {
     tls_version: Option<String>,
 }
 
-async fn handshake(target: &UpstreamTarget, tcp: TcpStream) -> Result<Connected, UpstreamFailure> {
+async fn handshake(target: &UpstreamTarget, io: UpstreamIo) -> Result<Connected, UpstreamFailure> {
     let fail = |reason: String, tls: bool| UpstreamFailure { reason, tls };
     match &target.tls {
         None => {
-            let (sender, conn) = conn::http1::handshake(TokioIo::new(tcp))
+            let (sender, conn) = conn::http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| fail(format!("upstream HTTP handshake failed: {e}"), false))?;
             tokio::spawn(async move {
@@ -122,13 +217,11 @@ async fn handshake(target: &UpstreamTarget, tcp: TcpStream) -> Result<Connected,
             })
         }
         Some((tls, name)) => {
-            let stream = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                tls.connect(tcp, name.clone(), &target.alpn),
-            )
-            .await
-            .map_err(|_| fail("upstream TLS handshake timed out".into(), true))?
-            .map_err(|e| fail(e.reason(), true))?;
+            let stream =
+                tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(io, name.clone(), &target.alpn))
+                    .await
+                    .map_err(|_| fail("upstream TLS handshake timed out".into(), true))?
+                    .map_err(|e| fail(e.reason(), true))?;
             let (_, session) = stream.get_ref();
             let alpn = session
                 .alpn_protocol()
@@ -166,8 +259,8 @@ async fn handshake(target: &UpstreamTarget, tcp: TcpStream) -> Result<Connected,
 impl Upstream {
     /// Sets up the first upstream connection over an already connected
     /// TCP stream (TLS handshake included).
-    pub async fn start(target: UpstreamTarget, tcp: TcpStream) -> Result<Self, UpstreamFailure> {
-        let c = handshake(&target, tcp).await?;
+    pub async fn start(target: UpstreamTarget, io: UpstreamIo) -> Result<Self, UpstreamFailure> {
+        let c = handshake(&target, io).await?;
         Ok(Self {
             target,
             sender: Mutex::new(Some(c.sender)),
@@ -183,7 +276,7 @@ impl Upstream {
                 reason: describe_connect_error(&e),
                 tls: false,
             })?;
-        Ok(handshake(&self.target, tcp).await?.sender)
+        Ok(handshake(&self.target, UpstreamIo::Tcp(tcp)).await?.sender)
     }
 
     /// True when this upstream is a tunnel through a proxy.

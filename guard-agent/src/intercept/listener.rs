@@ -31,7 +31,7 @@ use crate::{
     http::{
         inspect::Inspector,
         pipeline::{self, ConnContext},
-        upstream::{Upstream, UpstreamFailure, UpstreamTarget},
+        upstream::{Upstream, UpstreamFailure, UpstreamIo, UpstreamTarget},
     },
     policy::{PolicyStore, Protocol, RequestFacts, Verdict as PolicyVerdict},
     store::{PolicyRecord, TlsRecord},
@@ -331,7 +331,9 @@ async fn carry(
                 alpn: Vec::new(),
                 in_tunnel: false,
             };
-            let upstream = Upstream::start(target, up).await.map(Arc::new);
+            let upstream = Upstream::start(target, UpstreamIo::Tcp(up))
+                .await
+                .map(Arc::new);
             let conn = conn_context(ctx, ev, dst, None, "http", upstream, facts);
             pipeline::serve(CountingIo::new(client, Arc::clone(counts)), conn)
                 .await
@@ -462,7 +464,7 @@ async fn inspect_tls(
     match terminate_tls(
         &ctx.inspect,
         client,
-        up,
+        UpstreamIo::Tcp(up),
         upstream_via,
         &hello,
         name,
@@ -523,7 +525,7 @@ pub enum TlsFailed<IO> {
 pub async fn terminate_tls<IO>(
     settings: &InspectSettings,
     client: IO,
-    up: TcpStream,
+    up: UpstreamIo,
     via: UpstreamVia,
     hello: &ClientHelloInfo,
     name: Result<rustls::pki_types::ServerName<'static>, crate::tls::upstream::UpstreamError>,
