@@ -778,6 +778,73 @@ fn websocket_upgrades_are_carried_and_recorded() {
 }
 
 #[test]
+fn plaintext_http2_with_prior_knowledge_is_inspected_like_http1() {
+    // h2c with prior knowledge (curl --http2-prior-knowledge, plaintext
+    // gRPC): through the same pipeline as plaintext HTTP/1, upstream in
+    // HTTP/2 too. It used to be carried as opaque bytes, uninspected.
+    require_root();
+    let ca = TestCa::new();
+    let plain = TlsServer::start_plain(external_v4(0));
+    let cg = TestCgroup::new("https-h2c");
+    let agent = agent_for(&cg, &ca, &[]);
+    let sent = format!("key={AWS_KEY}");
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2-prior-knowledge",
+        "-d",
+        &sent,
+        &format!("http://127.0.0.2:{}/h2c/upload", plain.port()),
+    ]));
+    let body = json_of(&out);
+    assert_eq!(body["path"], "/h2c/upload", "{body:#}");
+    assert_eq!(
+        body["version"], "HTTP/2.0",
+        "the upstream leg is HTTP/2 too"
+    );
+    assert_eq!(body["body_len"], sent.len(), "masking keeps the length");
+    assert_ne!(
+        body["body_sha256"],
+        sha256_hex(sent.as_bytes()),
+        "the key reached the server unmasked over h2c"
+    );
+    let dst = plain.addr.to_string();
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 1);
+    let e = by_path(&ev, "/h2c/upload");
+    assert_eq!(e["http"]["version"], "HTTP/2", "{e:#}");
+    assert_eq!(e["http"]["scheme"], "http", "{e:#}");
+    assert_eq!(e["http"]["method"], "POST", "{e:#}");
+    assert_eq!(str_field(e, "verdict"), "mask", "{e:#}");
+    assert_eq!(e["findings"][0]["detector"], "aws-access-key-id", "{e:#}");
+
+    // An upgrade to h2c (curl --http2 on an http:// URL) is declined, so
+    // the connection stays HTTP/1.1 and every request on it is read.
+    let out = run_ok(agent.exec("curl").args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2",
+        &format!("http://127.0.0.2:{}/h2c/upgrade", plain.port()),
+    ]));
+    assert_eq!(json_of(&out)["version"], "HTTP/1.1");
+    assert!(
+        plain.header_values("/h2c/upgrade", "upgrade").is_empty(),
+        "the h2c upgrade reached the server"
+    );
+    let ev = agent.wait_events(&["--http", "--dest", &dst], 2);
+    let e = by_path(&ev, "/h2c/upgrade");
+    assert_eq!(e["http"]["status"], 200, "{e:#}");
+    assert!(e["http"]["upgrade"].is_null(), "{e:#}");
+
+    let all = serde_json::to_string(&agent.events(&[])).unwrap();
+    assert!(
+        !all.contains(AWS_KEY),
+        "the store holds the key sent over h2c"
+    );
+}
+
+#[test]
 fn websocket_over_tls_is_carried_and_recorded() {
     require_root();
     let ca = TestCa::new();

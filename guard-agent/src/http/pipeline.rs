@@ -260,7 +260,7 @@ fn ms(since: Instant) -> f64 {
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     ctx: Arc<ConnContext>,
     upgrades: Upgrades,
     stopped: tokio::sync::watch::Receiver<()>,
@@ -272,6 +272,7 @@ async fn handle(
     let claimed_host = host_of(&req, &ctx);
     let (host, home_host) = decision_host(&ctx, &claimed_host);
     ev.host = Some(host.clone());
+    decline_h2c_upgrade(req.headers_mut());
     let is_upgrade = req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT;
     let mut rec = HttpRecord {
         method: req.method().to_string(),
@@ -579,6 +580,21 @@ async fn handle(
         }),
     );
     Response::from_parts(rparts, body.boxed_unsync())
+}
+
+/// Declines an upgrade to h2c (HTTP/2 over plaintext, RFC 7540 §3.2, which
+/// RFC 9113 dropped), as any server may: after it, the connection would
+/// carry HTTP/2 that this pipeline no longer reads, request by request.
+/// The exchange stays HTTP/1.1 (h2c with prior knowledge is served as
+/// HTTP/2 from the start).
+fn decline_h2c_upgrade(headers: &mut http::HeaderMap) {
+    let h2c = headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"));
+    if h2c {
+        headers.remove(header::UPGRADE);
+        headers.remove("http2-settings");
+    }
 }
 
 /// A 502 naming why the upstream failed (`error`, then the problem), and

@@ -59,7 +59,7 @@ use super::{
 use crate::{
     intercept::{
         connect::CONNECT_TIMEOUT,
-        listener::{terminate_tls, TlsFailed, UpstreamVia},
+        listener::{h2_prior_knowledge, terminate_tls, TlsFailed, UpstreamVia},
         sniff::{classify, Sniff, MAX_SNIFF_BYTES},
     },
     store::TlsRecord,
@@ -366,13 +366,13 @@ async fn carry_inner(
             event.record(Some(format!("malformed TLS ClientHello: {reason}")), None);
             return;
         }
-        Sniff::Http1(_) => {
+        Sniff::Http1(_) | Sniff::Http2PriorKnowledge => {
             event.record(None, None);
             let target = UpstreamTarget {
                 addr: ctx.dst,
                 mark: ctx.mark,
                 tls: None,
-                alpn: Vec::new(),
+                alpn: h2_prior_knowledge(&sniff),
                 in_tunnel: true,
             };
             let upstream = Upstream::start(target, up).await.map(Arc::new);

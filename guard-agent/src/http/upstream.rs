@@ -201,58 +201,56 @@ struct Connected {
 }
 
 async fn handshake(target: &UpstreamTarget, io: UpstreamIo) -> Result<Connected, UpstreamFailure> {
-    let fail = |reason: String, tls: bool| UpstreamFailure { reason, tls };
-    match &target.tls {
-        None => {
-            let (sender, conn) = conn::http1::handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| fail(format!("upstream HTTP handshake failed: {e}"), false))?;
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-            Ok(Connected {
-                sender: Sender::H1(sender),
-                alpn: None,
-                tls_version: None,
-            })
-        }
-        Some((tls, name)) => {
-            let stream =
-                tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(io, name.clone(), &target.alpn))
-                    .await
-                    .map_err(|_| fail("upstream TLS handshake timed out".into(), true))?
-                    .map_err(|e| fail(e.reason(), true))?;
-            let (_, session) = stream.get_ref();
-            let alpn = session
-                .alpn_protocol()
-                .map(|p| String::from_utf8_lossy(p).into_owned());
-            let tls_version = session.protocol_version().map(|v| format!("{v:?}"));
-            let sender = if alpn.as_deref() == Some("h2") {
-                let (sender, conn) =
-                    conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                        .await
-                        .map_err(|e| {
-                            fail(format!("upstream HTTP/2 handshake failed: {e}"), false)
-                        })?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Sender::H2(sender)
-            } else {
-                let (sender, conn) = conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| fail(format!("upstream HTTP handshake failed: {e}"), false))?;
-                tokio::spawn(async move {
-                    let _ = conn.with_upgrades().await;
-                });
-                Sender::H1(sender)
-            };
-            Ok(Connected {
-                sender,
-                alpn,
-                tls_version,
-            })
-        }
+    let Some((tls, name)) = &target.tls else {
+        // Plaintext: HTTP/2 when the client spoke it with prior knowledge.
+        let h2 = target.alpn.iter().any(|p| p == "h2");
+        return Ok(Connected {
+            sender: http_over(io, h2).await?,
+            alpn: None,
+            tls_version: None,
+        });
+    };
+    let fail = |reason: String| UpstreamFailure { reason, tls: true };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(io, name.clone(), &target.alpn))
+        .await
+        .map_err(|_| fail("upstream TLS handshake timed out".into()))?
+        .map_err(|e| fail(e.reason()))?;
+    let (_, session) = stream.get_ref();
+    let alpn = session
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let tls_version = session.protocol_version().map(|v| format!("{v:?}"));
+    let h2 = alpn.as_deref() == Some("h2");
+    Ok(Connected {
+        sender: http_over(stream, h2).await?,
+        alpn,
+        tls_version,
+    })
+}
+
+/// A hyper client connection over `io`, HTTP/2 or HTTP/1.1, its
+/// connection task spawned.
+async fn http_over<IO>(io: IO, h2: bool) -> Result<Sender, UpstreamFailure>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let fail = |reason: String| UpstreamFailure { reason, tls: false };
+    if h2 {
+        let (sender, conn) = conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| fail(format!("upstream HTTP/2 handshake failed: {e}")))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| fail(format!("upstream HTTP handshake failed: {e}")))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Sender::H1(sender))
     }
 }
 

@@ -323,12 +323,14 @@ async fn carry(
             }
             inspect_tls(ctx, client, up, ev, facts, dst, hello, counts).await
         }
-        Sniff::Http1(_) => {
+        Sniff::Http1(_) | Sniff::Http2PriorKnowledge => {
+            // Plaintext HTTP/2 (h2c with prior knowledge, as plaintext gRPC
+            // speaks) goes upstream as HTTP/2 too.
             let target = UpstreamTarget {
                 addr: dst,
                 mark: ctx.mark,
                 tls: None,
-                alpn: Vec::new(),
+                alpn: h2_prior_knowledge(&sniff),
                 in_tunnel: false,
             };
             let upstream = Upstream::start(target, UpstreamIo::Tcp(up))
@@ -339,10 +341,19 @@ async fn carry(
                 .await
                 .err()
         }
-        Sniff::Opaque | Sniff::Http2PriorKnowledge | Sniff::NeedMore => {
+        Sniff::Opaque | Sniff::NeedMore => {
             facts.protocol = Some(Protocol::Tcp);
             l4_splice(ctx, client, up, ev, &facts, counts).await
         }
+    }
+}
+
+/// The protocols a plaintext upstream is spoken to in: HTTP/2 when the
+/// client opened with its preface (prior knowledge), else HTTP/1.1.
+pub fn h2_prior_knowledge(sniff: &Sniff) -> Vec<String> {
+    match sniff {
+        Sniff::Http2PriorKnowledge => vec!["h2".to_owned()],
+        _ => Vec::new(),
     }
 }
 
