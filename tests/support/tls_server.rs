@@ -210,22 +210,8 @@ impl TlsServer {
         Self::start_with_cert(bind, ca.issue(names, CertKind::Valid))
     }
 
-    fn start_with_cert(
-        bind: SocketAddr,
-        (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
-    ) -> Self {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server certificate");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Self::spawn(
-            bind,
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-        )
+    fn start_with_cert(bind: SocketAddr, cert: IssuedCert) -> Self {
+        Self::spawn(bind, Some(acceptor(cert, &[b"h2", b"http/1.1"])))
     }
 
     /// The same server in plaintext (HTTP/1.1, or h2c with prior knowledge).
@@ -234,22 +220,13 @@ impl TlsServer {
     }
 
     fn spawn(bind: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        assert!(
-            bind.ip().is_loopback(),
-            "test servers bind only to loopback"
-        );
-        let std_listener = std::net::TcpListener::bind(bind).expect("bind TLS test server");
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap();
+        let (addr, listener) = listen(bind);
         let state = Arc::new(State {
             seen: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
         });
         let st = Arc::clone(&state);
-        let rt = runtime();
-        let _guard = rt.enter();
-        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-        rt.spawn(async move {
+        runtime().spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
@@ -323,26 +300,12 @@ pub struct TlsFront {
 impl TlsFront {
     pub fn start(bind: SocketAddr, ca: &TestCa, backend: SocketAddr) -> Self {
         assert!(
-            bind.ip().is_loopback() && backend.ip().is_loopback(),
+            backend.ip().is_loopback(),
             "test servers talk only to loopback"
         );
-        let (chain, key) = ca.issue(TEST_NAMES, CertKind::Valid);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server certificate");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let std_listener = std::net::TcpListener::bind(bind).expect("bind the TLS front");
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap();
-        let rt = runtime();
-        let _guard = rt.enter();
-        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-        rt.spawn(async move {
+        let acceptor = acceptor(ca.issue(TEST_NAMES, CertKind::Valid), &[b"http/1.1"]);
+        let (addr, listener) = listen(bind);
+        runtime().spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
@@ -361,6 +324,38 @@ impl TlsFront {
         });
         Self { addr }
     }
+}
+
+/// A certificate chain and its key, as [`TestCa::issue`] makes them.
+type IssuedCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// A TLS acceptor presenting `cert`, offering `alpn`.
+fn acceptor((chain, key): IssuedCert, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server certificate");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A listener on the test runtime, bound to `bind` (loopback only).
+fn listen(bind: SocketAddr) -> (SocketAddr, tokio::net::TcpListener) {
+    assert!(
+        bind.ip().is_loopback(),
+        "test servers bind only to loopback"
+    );
+    let std_listener = std::net::TcpListener::bind(bind).expect("bind a test server");
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let _guard = runtime().enter();
+    (
+        addr,
+        tokio::net::TcpListener::from_std(std_listener).unwrap(),
+    )
 }
 
 async fn serve_conn<IO>(io: IO, st: Arc<State>, alpn: Option<String>)
