@@ -34,6 +34,15 @@ fn str_field<'a>(e: &'a Value, k: &str) -> &'a str {
         .unwrap_or_else(|| panic!("field {k} missing in {e:#}"))
 }
 
+/// The `path` of each JSON answer curl printed, one per line (`-w "\n"`
+/// after each of several URLs).
+fn answered_paths(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["path"].clone())
+        .collect()
+}
+
 fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -208,11 +217,7 @@ fn curl_over_http1_and_http2_through_exec_is_terminated_forwarded_and_recorded()
         &format!("https://api.test:{port}/drop/one"),
         &format!("https://api.test:{port}/drop/two"),
     ]));
-    let paths: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["path"].clone())
-        .collect();
-    assert_eq!(paths, ["/drop/one", "/drop/two"]);
+    assert_eq!(answered_paths(&out), ["/drop/one", "/drop/two"]);
     let events = agent.wait_events(&["--http", "--dest", &dst], 4);
     let (one, two) = (by_path(&events, "/drop/one"), by_path(&events, "/drop/two"));
     assert_eq!(one["conn_id"], two["conn_id"], "{events:#?}");
@@ -1213,11 +1218,7 @@ fn https_through_an_explicit_proxy_is_inspected_inside_its_connect_tunnel() {
         &format!("https://api.test:{port}/close/first"),
         &format!("https://api.test:{port}/close/second"),
     ]));
-    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["path"].to_string())
-        .collect();
-    assert_eq!(paths, ["\"/close/first\"", "\"/close/second\""]);
+    assert_eq!(answered_paths(&out), ["/close/first", "/close/second"]);
 
     // python3 urllib through HTTPS_PROXY, a secret in the body: the
     // default policy masks it inside the tunnel as anywhere else.
@@ -1559,13 +1560,9 @@ print(s.recv(64).decode())
         &format!("https://auth.pinned.test:{port}/drop/first"),
         &format!("https://auth.pinned.test:{port}/drop/second"),
     ]));
-    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["path"].to_string())
-        .collect();
     assert_eq!(
-        paths,
-        ["\"/close/auth\"", "\"/drop/first\"", "\"/drop/second\""]
+        answered_paths(&out),
+        ["/close/auth", "/drop/first", "/drop/second"]
     );
     assert_eq!(proxy.connections(), connections + 3);
     // The request that found its tunnel closed: recorded on the old

@@ -5,12 +5,12 @@
 //! its `CONNECT host:port` asks the proxy for a tunnel. Guard asks for that
 //! tunnel itself, on its own connection to the proxy for this client (inside
 //! its own TLS to the proxy, for an `https://` proxy: [`UpstreamIo`]),
-//! answers with the proxy's answer,
-//! and then treats what the client sends inside the tunnel as a connection
-//! of its own to `host:port`: TLS is terminated (a leaf for the SNI, or for
-//! the CONNECT host) and every request goes through the pipeline and gets
-//! its event, exactly as without a proxy; plaintext HTTP likewise; anything
-//! else is carried through and counted.
+//! answers with the proxy's answer, and then treats what the client sends
+//! inside the tunnel as a connection of its own to `host:port`: TLS is
+//! terminated (a leaf for the SNI, or for the CONNECT host) and every
+//! request goes through the pipeline and gets its event, exactly as without
+//! a proxy; plaintext HTTP likewise; anything else is carried through and
+//! counted.
 //!
 //! Events: the CONNECT itself is one HTTP event (method CONNECT, its
 //! `host:port` as the path, the proxy's status), recorded once the client's
@@ -160,9 +160,9 @@ pub async fn connect(
 }
 
 /// What the proxy's answer to a CONNECT means: a 2xx hands over the
-/// connection (which hyper's client gives back as the `TcpStream` it was
-/// built on, with whatever it read past the head); anything else is a
-/// refusal.
+/// connection (which hyper's client gives back as the stream it was built
+/// on, an [`UpstreamIo`] or the TLS to the proxy over one, with whatever it
+/// read past the head); anything else is a refusal.
 async fn answer(mut resp: Response<Incoming>) -> Result<Connected, UpstreamFailure> {
     let fail = |reason: String| UpstreamFailure { reason, tls: false };
     if !resp.status().is_success() {

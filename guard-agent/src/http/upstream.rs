@@ -256,7 +256,7 @@ where
 
 impl Upstream {
     /// Sets up the first upstream connection over an already connected
-    /// TCP stream (TLS handshake included).
+    /// stream (TCP, or a tunnel through a proxy), TLS handshake included.
     pub async fn start(target: UpstreamTarget, io: UpstreamIo) -> Result<Self, UpstreamFailure> {
         let c = handshake(&target, io).await?;
         Ok(Self {
